@@ -1,0 +1,23 @@
+//! chitu: a Rust inference engine for Wan text-to-video diffusion.
+//!
+//! This facade re-exports the member crates so that one dependency gives the whole engine:
+//! - [`sched`]: flow-matching noise schedulers matching diffusers (UniPC, DPM-Solver++, Euler).
+//!
+//! It also owns the parity runner ([`parity`]) that checks every component against reference
+//! outputs made with diffusers/transformers.
+
+pub use chitu_sched as sched;
+
+pub mod parity;
+
+/// The backend the examples and the CLI use: `burn-flex` on CPU, or CUDA with `--features cuda`.
+#[cfg(not(feature = "cuda"))]
+pub type DefaultBackend = burn_flex::Flex;
+/// The backend the examples and the CLI use: `burn-flex` on CPU, or CUDA with `--features cuda`.
+#[cfg(feature = "cuda")]
+pub type DefaultBackend = burn_cuda::Cuda;
+
+/// The default device of [`DefaultBackend`].
+pub fn default_device() -> burn::tensor::Device<DefaultBackend> {
+    Default::default()
+}

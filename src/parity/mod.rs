@@ -1,0 +1,188 @@
+//! The parity runner: reproduces reference outputs made with diffusers/transformers.
+//!
+//! A parity folder holds `cases/NAME.json` (what to run, the tolerance, non-tensor inputs) and
+//! `cases/NAME.safetensors` (tensor inputs and reference outputs), plus the models under
+//! `models/`. Each case is run from what its JSON says alone, so any folder with this layout works.
+
+pub mod scheduler;
+pub mod tensors;
+
+use burn::tensor::backend::Backend;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use tensors::HostTensor;
+
+/// Why a case could not be run.
+#[derive(Debug, thiserror::Error)]
+pub enum ParityError {
+    /// A file could not be read.
+    #[error("cannot read {0}: {1}")]
+    Io(String, #[source] std::io::Error),
+    /// A case file is malformed or lacks a field or tensor.
+    #[error("{0}")]
+    Case(String),
+    /// The component under test returned an error.
+    #[error("{0}")]
+    Component(String),
+}
+
+/// One loaded case: its JSON and its tensors.
+pub struct Case {
+    /// The case name (file stem).
+    pub name: String,
+    /// The parity folder the case belongs to; model paths in the JSON are relative to it.
+    pub root: PathBuf,
+    /// The parsed case JSON.
+    pub json: Value,
+    /// The tensors of `cases/NAME.safetensors` (or the file the JSON's `tensors` names).
+    pub tensors: HashMap<String, HostTensor>,
+}
+
+impl Case {
+    /// Loads `root/cases/name.json` and its tensor file.
+    pub fn load(root: &Path, name: &str) -> Result<Self, ParityError> {
+        let json_path = root.join("cases").join(format!("{name}.json"));
+        let text =
+            std::fs::read_to_string(&json_path).map_err(|e| ParityError::Io(json_path.display().to_string(), e))?;
+        let json = chitu_sched::parse_python_json(&text)
+            .map_err(|e| ParityError::Case(format!("{}: invalid JSON: {e}", json_path.display())))?;
+        let tensor_file = json
+            .get("tensors")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("{name}.safetensors"));
+        let tensors = tensors::load_safetensors(&root.join("cases").join(tensor_file))?;
+        Ok(Self {
+            name: name.to_owned(),
+            root: root.to_owned(),
+            json,
+            tensors,
+        })
+    }
+
+    /// The case's `kind`.
+    pub fn kind(&self) -> Result<&str, ParityError> {
+        self.json
+            .get("kind")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ParityError::Case(format!("case {}: no \"kind\" field", self.name)))
+    }
+
+    /// The case's `tolerance.rel_l2`.
+    pub fn tolerance(&self) -> Result<f64, ParityError> {
+        self.json
+            .pointer("/tolerance/rel_l2")
+            .and_then(Value::as_f64)
+            .ok_or_else(|| ParityError::Case(format!("case {}: no tolerance.rel_l2", self.name)))
+    }
+
+    /// A tensor of the case, or an error naming it.
+    pub fn tensor(&self, key: &str) -> Result<&HostTensor, ParityError> {
+        self.tensors
+            .get(key)
+            .ok_or_else(|| ParityError::Case(format!("case {}: tensor file has no {key:?}", self.name)))
+    }
+
+    /// A JSON field of the case, or an error naming it.
+    pub fn field(&self, key: &str) -> Result<&Value, ParityError> {
+        self.json
+            .get(key)
+            .ok_or_else(|| ParityError::Case(format!("case {}: no {key:?} field", self.name)))
+    }
+
+    /// Compares named outputs with the case's reference tensors; returns the worst rel_l2.
+    pub fn compare_outputs(&self, outputs: &[(&str, HostTensor)]) -> Result<f64, ParityError> {
+        let mut worst = 0.0f64;
+        for (name, out) in outputs {
+            let e = tensors::compare(name, out, self.tensor(name)?)?;
+            tracing::debug!(case = %self.name, output = name, rel_l2 = e);
+            worst = worst.max(e);
+        }
+        Ok(worst)
+    }
+}
+
+/// The result of one case.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// The case ran; `rel_l2` is the worst over its outputs.
+    Ran { rel_l2: f64, tol: f64 },
+    /// No implementation exists yet for the case's kind.
+    Unsupported(String),
+    /// The case could not be loaded or the component failed.
+    Error(String),
+}
+
+/// One line of the report.
+#[derive(Debug, Clone)]
+pub struct CaseReport {
+    pub name: String,
+    pub outcome: Outcome,
+}
+
+impl CaseReport {
+    /// Whether the case passed.
+    pub fn passed(&self) -> bool {
+        matches!(self.outcome, Outcome::Ran { rel_l2, tol } if rel_l2 <= tol)
+    }
+}
+
+impl fmt::Display for CaseReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.outcome {
+            Outcome::Ran { rel_l2, tol } => write!(
+                f,
+                "case {}: rel_l2={rel_l2:.3e} tol={tol:e} {}",
+                self.name,
+                if self.passed() { "ok" } else { "FAIL" }
+            ),
+            Outcome::Unsupported(kind) => write!(f, "case {}: unsupported kind {kind}", self.name),
+            Outcome::Error(msg) => write!(f, "case {}: error: {msg} FAIL", self.name),
+        }
+    }
+}
+
+/// The names of the cases under `root/cases` that start with one of `prefixes` (all if empty), sorted.
+pub fn list_cases(root: &Path, prefixes: &[String]) -> Result<Vec<String>, ParityError> {
+    let dir = root.join("cases");
+    let entries = std::fs::read_dir(&dir).map_err(|e| ParityError::Io(dir.display().to_string(), e))?;
+    let mut names = Vec::new();
+    for entry in entries {
+        let path = entry.map_err(|e| ParityError::Io(dir.display().to_string(), e))?.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("json") {
+            continue;
+        }
+        let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else {
+            continue;
+        };
+        if prefixes.is_empty() || prefixes.iter().any(|p| stem.starts_with(p.as_str())) {
+            names.push(stem.to_owned());
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Runs one case on backend `B`.
+pub fn run_case<B: Backend>(root: &Path, name: &str, device: &B::Device) -> CaseReport {
+    let outcome = match Case::load(root, name).and_then(|case| run_loaded::<B>(&case, device)) {
+        Ok(o) => o,
+        Err(e) => Outcome::Error(e.to_string()),
+    };
+    CaseReport {
+        name: name.to_owned(),
+        outcome,
+    }
+}
+
+fn run_loaded<B: Backend>(case: &Case, device: &B::Device) -> Result<Outcome, ParityError> {
+    let kind = case.kind()?;
+    let tol = case.tolerance()?;
+    let rel_l2 = match kind {
+        "scheduler" => scheduler::run::<B>(case, device)?,
+        other => return Ok(Outcome::Unsupported(other.to_owned())),
+    };
+    Ok(Outcome::Ran { rel_l2, tol })
+}
