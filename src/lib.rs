@@ -1,11 +1,13 @@
 //! chitu: a Rust inference engine for Wan text-to-video diffusion.
 //!
 //! This facade re-exports the member crates so that one dependency gives the whole engine:
-//! - [`sched`]: flow-matching noise schedulers matching diffusers (UniPC, DPM-Solver++, Euler).
+//! - [`sched`]: flow-matching noise schedulers matching diffusers (UniPC, DPM-Solver++, Euler);
+//! - [`dit`]: the Wan diffusion transformer.
 //!
 //! It also owns the parity runner ([`parity`]) that checks every component against reference
 //! outputs made with diffusers/transformers.
 
+pub use chitu_dit as dit;
 pub use chitu_sched as sched;
 
 pub mod parity;

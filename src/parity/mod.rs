@@ -4,6 +4,7 @@
 //! `cases/NAME.safetensors` (tensor inputs and reference outputs), plus the models under
 //! `models/`. Each case is run from what its JSON says alone, so any folder with this layout works.
 
+pub mod dit;
 pub mod scheduler;
 pub mod tensors;
 
@@ -182,6 +183,7 @@ fn run_loaded<B: Backend>(case: &Case, device: &B::Device) -> Result<Outcome, Pa
     let tol = case.tolerance()?;
     let rel_l2 = match kind {
         "scheduler" => scheduler::run::<B>(case, device)?,
+        "dit_forward" => dit::run::<B>(case, device)?,
         other => return Ok(Outcome::Unsupported(other.to_owned())),
     };
     Ok(Outcome::Ran { rel_l2, tol })

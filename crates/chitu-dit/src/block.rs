@@ -1,0 +1,117 @@
+//! One Wan transformer block, with the hook points FlexCache policies act on.
+
+use crate::attention::AttentionOp;
+use crate::embed::RopeTables;
+use crate::layers::{affine_layer_norm, layer_norm, linear, modulate, FeedForward, WanAttention};
+use crate::WanDitConfig;
+use burn::module::{Module, Param};
+use burn::nn::{Initializer, LayerNorm};
+use burn::tensor::{backend::Backend, Tensor};
+
+/// The sub-layers of a block whose outputs a cache policy may reuse or forecast.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BlockPart {
+    /// The self-attention output, before its gate.
+    SelfAttn,
+    /// The cross-attention output.
+    CrossAttn,
+    /// The feed-forward output, before its gate.
+    Ffn,
+}
+
+/// Decides, for each sub-layer of each block, whether to compute it or to supply a stored value.
+///
+/// `compute` runs the real sub-layer; a hook that returns without calling it skips that work.
+pub trait BlockHook<B: Backend> {
+    /// Produces the output of `part` in block `block`.
+    fn part(&mut self, block: usize, part: BlockPart, compute: &mut dyn FnMut() -> Tensor<B, 3>) -> Tensor<B, 3> {
+        let _ = (block, part);
+        compute()
+    }
+}
+
+/// The hook that always computes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoHook;
+
+impl<B: Backend> BlockHook<B> for NoHook {}
+
+/// What every block reads besides the token stream.
+#[derive(Debug, Clone)]
+pub struct BlockInputs<B: Backend> {
+    /// The per-row modulation input `e0` (diffusers' `timestep_proj`), `[B, 6, dim]`.
+    pub e0: Tensor<B, 3>,
+    /// Projected text states, `[B, L, dim]`.
+    pub context: Tensor<B, 3>,
+    /// RoPE angles of the tokens this call holds.
+    pub rope: RopeTables<B>,
+}
+
+/// A Wan transformer block (diffusers' `WanTransformerBlock`).
+#[derive(Module, Debug)]
+pub struct WanBlock<B: Backend> {
+    pub attn1: WanAttention<B>,
+    pub attn2: WanAttention<B>,
+    /// Affine LayerNorm in front of cross-attention (Wan's own checkpoints call it `norm3`).
+    pub norm2: Option<LayerNorm<B>>,
+    pub ffn: FeedForward<B>,
+    /// `[1, 6, dim]`: shift, scale, gate of self-attention, then of the FFN.
+    pub scale_shift_table: Param<Tensor<B, 3>>,
+    pub eps: f64,
+}
+
+impl<B: Backend> WanBlock<B> {
+    /// A block with random weights (loading replaces them).
+    pub fn new(config: &WanDitConfig, device: &B::Device) -> Self {
+        let dim = config.dim();
+        let std = 1.0 / (dim as f64).sqrt();
+        Self {
+            attn1: WanAttention::new(dim, config.num_heads, config.qk_norm, config.eps, device),
+            attn2: WanAttention::new(dim, config.num_heads, config.qk_norm, config.eps, device),
+            norm2: config
+                .cross_attn_norm
+                .then(|| affine_layer_norm(dim, config.eps, device)),
+            ffn: FeedForward {
+                fc1: linear(dim, config.ffn_dim, device),
+                fc2: linear(config.ffn_dim, dim, device),
+            },
+            scale_shift_table: Initializer::Normal { mean: 0.0, std }.init([1, 6, dim], device),
+            eps: config.eps,
+        }
+    }
+
+    /// Runs the block on tokens `x` `[B, S, dim]`; `index` is the block's position, for the hook.
+    pub fn forward(
+        &self,
+        index: usize,
+        x: Tensor<B, 3>,
+        inputs: &BlockInputs<B>,
+        attn: &dyn AttentionOp<B>,
+        hook: &mut dyn BlockHook<B>,
+    ) -> Tensor<B, 3> {
+        let mods = self.scale_shift_table.val() + inputs.e0.clone();
+        let m = |i: usize| mods.clone().narrow(1, i, 1);
+        let (shift, scale, gate) = (m(0), m(1), m(2));
+        let (c_shift, c_scale, c_gate) = (m(3), m(4), m(5));
+
+        let normed = modulate(layer_norm(x.clone(), self.eps), shift, scale);
+        let sa = hook.part(index, BlockPart::SelfAttn, &mut || {
+            self.attn1.forward(normed.clone(), None, Some(&inputs.rope), attn)
+        });
+        let x = x + sa * gate;
+
+        let normed = match &self.norm2 {
+            Some(norm) => norm.forward(x.clone()),
+            None => x.clone(),
+        };
+        let ca = hook.part(index, BlockPart::CrossAttn, &mut || {
+            self.attn2
+                .forward(normed.clone(), Some(inputs.context.clone()), None, attn)
+        });
+        let x = x + ca;
+
+        let normed = modulate(layer_norm(x.clone(), self.eps), c_shift, c_scale);
+        let ff = hook.part(index, BlockPart::Ffn, &mut || self.ffn.forward(normed.clone()));
+        x + ff * c_gate
+    }
+}

@@ -1,0 +1,179 @@
+//! The whole Wan transformer, callable in pieces: embed, blocks `i..j`, head.
+
+use crate::attention::AttentionOp;
+use crate::block::{BlockHook, BlockInputs, NoHook, WanBlock};
+use crate::embed::{timestep_embedding, unpatchify, RopeTables};
+use crate::layers::{layer_norm, linear, modulate, ConditionEmbedder, PatchEmbed, TextProjection, TimestepEmbedding};
+use crate::{DitError, WanDitConfig};
+use burn::module::{Module, Param};
+use burn::nn::{Initializer, Linear};
+use burn::tensor::activation::silu;
+use burn::tensor::{backend::Backend, Tensor};
+use std::ops::Range;
+
+/// RoPE base frequency of Wan.
+pub const ROPE_THETA: f64 = 10000.0;
+
+/// diffusers' `WanTransformer3DModel` (text-to-video).
+#[derive(Module, Debug)]
+pub struct WanTransformer<B: Backend> {
+    pub patch_embedding: PatchEmbed<B>,
+    pub condition_embedder: ConditionEmbedder<B>,
+    pub blocks: Vec<WanBlock<B>>,
+    pub proj_out: Linear<B>,
+    /// `[1, 2, dim]`: shift and scale of the output head.
+    pub scale_shift_table: Param<Tensor<B, 3>>,
+    #[module(skip)]
+    pub config: WanDitConfig,
+}
+
+/// The output of [`WanTransformer::embed`]: tokens plus everything the blocks and head read.
+#[derive(Debug, Clone)]
+pub struct Embedded<B: Backend> {
+    /// Patch tokens `[B, S, dim]`.
+    pub tokens: Tensor<B, 3>,
+    /// Time embedding `[B, dim]` (TeaCache's default-mode signal; the head's modulation input).
+    pub temb: Tensor<B, 2>,
+    /// Block inputs: modulation `e0` `[B, 6, dim]` (TeaCache's ret-steps signal), text, RoPE.
+    pub inputs: BlockInputs<B>,
+    /// The patched grid `(f, h, w)`.
+    pub grid: [usize; 3],
+}
+
+impl<B: Backend> WanTransformer<B> {
+    /// A model with random weights, for tests and the embedded demo; loading replaces them.
+    pub fn new(config: WanDitConfig, device: &B::Device) -> Result<Self, DitError> {
+        config.validate()?;
+        let dim = config.dim();
+        let patch_out = config.out_channels * config.patch_size.iter().product::<usize>();
+        Ok(Self {
+            patch_embedding: PatchEmbed::new(config.in_channels, dim, config.patch_size, device),
+            condition_embedder: ConditionEmbedder {
+                time_embedder: TimestepEmbedding {
+                    linear_1: linear(config.freq_dim, dim, device),
+                    linear_2: linear(dim, dim, device),
+                },
+                time_proj: linear(dim, 6 * dim, device),
+                text_embedder: TextProjection {
+                    linear_1: linear(config.text_dim, dim, device),
+                    linear_2: linear(dim, dim, device),
+                },
+            },
+            blocks: (0..config.num_layers).map(|_| WanBlock::new(&config, device)).collect(),
+            proj_out: linear(dim, patch_out, device),
+            scale_shift_table: Initializer::Normal {
+                mean: 0.0,
+                std: 1.0 / (dim as f64).sqrt(),
+            }
+            .init([1, 2, dim], device),
+            config,
+        })
+    }
+
+    /// Checks input shapes against the config; returns the patched grid.
+    pub fn check_inputs(&self, x: &[usize; 5], timesteps: usize, context: &[usize; 3]) -> Result<[usize; 3], DitError> {
+        let c = &self.config;
+        let [b, ch, f, h, w] = *x;
+        let [pt, ph, pw] = c.patch_size;
+        let bad = |msg: String| Err(DitError::Shape(msg));
+        if ch != c.in_channels {
+            return bad(format!(
+                "latents have {ch} channels, the model expects {}",
+                c.in_channels
+            ));
+        }
+        if f % pt != 0 || h % ph != 0 || w % pw != 0 || f == 0 || h == 0 || w == 0 {
+            return bad(format!(
+                "latent size {f}x{h}x{w} is not a positive multiple of the patch {pt}x{ph}x{pw}"
+            ));
+        }
+        let grid = [f / pt, h / ph, w / pw];
+        if grid[0] > c.rope_max_seq_len || grid[1] > c.rope_max_seq_len || grid[2] > c.rope_max_seq_len {
+            return bad(format!(
+                "patched grid {grid:?} exceeds rope_max_seq_len {}",
+                c.rope_max_seq_len
+            ));
+        }
+        if timesteps != b {
+            return bad(format!("{timesteps} timesteps for a batch of {b}"));
+        }
+        if context[0] != b || context[2] != c.text_dim {
+            return bad(format!(
+                "text states {context:?} do not match batch {b} and text_dim {}",
+                c.text_dim
+            ));
+        }
+        Ok(grid)
+    }
+
+    /// Patch embedding, time and text conditioning, and the RoPE tables of all tokens.
+    /// `timesteps` holds one value per batch row.
+    pub fn embed(&self, x: Tensor<B, 5>, timesteps: &[f64], context: Tensor<B, 3>) -> Result<Embedded<B>, DitError> {
+        let grid = self.check_inputs(&x.dims(), timesteps.len(), &context.dims())?;
+        let device = x.device();
+        let [b, _, _, _, _] = x.dims();
+        let dim = self.config.dim();
+        let tokens = self.patch_embedding.forward(x);
+
+        let sinusoid = timestep_embedding::<B>(timesteps, self.config.freq_dim, &device);
+        let temb = self.condition_embedder.time_embedder.forward(sinusoid);
+        let e0 = self
+            .condition_embedder
+            .time_proj
+            .forward(silu(temb.clone()))
+            .reshape([b, 6, dim]);
+        let context = self.condition_embedder.text_embedder.forward(context);
+        let seq = grid.iter().product();
+        let rope = RopeTables::new(grid, self.config.head_dim, ROPE_THETA, 0..seq, &device);
+        Ok(Embedded {
+            tokens,
+            temb,
+            inputs: BlockInputs { e0, context, rope },
+            grid,
+        })
+    }
+
+    /// Runs blocks `range` on `x`, letting `hook` reuse or replace sub-layer outputs.
+    pub fn forward_blocks(
+        &self,
+        mut x: Tensor<B, 3>,
+        inputs: &BlockInputs<B>,
+        range: Range<usize>,
+        attn: &dyn AttentionOp<B>,
+        hook: &mut dyn BlockHook<B>,
+    ) -> Tensor<B, 3> {
+        for i in range {
+            x = self.blocks[i].forward(i, x, inputs, attn, hook);
+        }
+        x
+    }
+
+    /// The output head: modulated LayerNorm, projection, unpatchify to `[B, C, F, H, W]`.
+    pub fn head(&self, x: Tensor<B, 3>, temb: Tensor<B, 2>, grid: [usize; 3]) -> Tensor<B, 5> {
+        let mods = self.scale_shift_table.val() + temb.unsqueeze_dim(1);
+        let (shift, scale) = (mods.clone().narrow(1, 0, 1), mods.narrow(1, 1, 1));
+        let x = modulate(layer_norm(x, self.config.eps), shift, scale);
+        let x = self.proj_out.forward(x);
+        unpatchify(x, grid, self.config.patch_size, self.config.out_channels)
+    }
+
+    /// The full forward: the flow-matching velocity for latents `x` `[B, C, F, H, W]` at
+    /// `timesteps` (one per row), conditioned on text states `context` `[B, L, text_dim]`.
+    pub fn forward(&self, x: Tensor<B, 5>, timesteps: &[f64], context: Tensor<B, 3>) -> Result<Tensor<B, 5>, DitError> {
+        self.forward_with(x, timesteps, context, &self.config.attention, &mut NoHook)
+    }
+
+    /// [`WanTransformer::forward`] with an explicit attention implementation and hook.
+    pub fn forward_with(
+        &self,
+        x: Tensor<B, 5>,
+        timesteps: &[f64],
+        context: Tensor<B, 3>,
+        attn: &dyn AttentionOp<B>,
+        hook: &mut dyn BlockHook<B>,
+    ) -> Result<Tensor<B, 5>, DitError> {
+        let e = self.embed(x, timesteps, context)?;
+        let x = self.forward_blocks(e.tokens, &e.inputs, 0..self.blocks.len(), attn, hook);
+        Ok(self.head(x, e.temb, e.grid))
+    }
+}
