@@ -2,13 +2,15 @@
 //!
 //! This facade re-exports the member crates so that one dependency gives the whole engine:
 //! - [`sched`]: flow-matching noise schedulers matching diffusers (UniPC, DPM-Solver++, Euler);
-//! - [`dit`]: the Wan diffusion transformer.
+//! - [`dit`]: the Wan diffusion transformer;
+//! - [`text`]: prompt cleaning, the T5 tokenizer and the UMT5 encoder.
 //!
 //! It also owns the parity runner ([`parity`]) that checks every component against reference
 //! outputs made with diffusers/transformers.
 
 pub use chitu_dit as dit;
 pub use chitu_sched as sched;
+pub use chitu_text as text;
 
 pub mod parity;
 

@@ -292,7 +292,7 @@ fn missing_unexpected_and_misshapen_keys_are_listed() {
     assert!(e.contains("proj_out.bias"), "{e}");
 
     // A diffusers checkpoint read as Wan's layout fails loudly instead of loading garbage.
-    let mut model = WanTransformer::<B>::from_dir(&src, &default_device()).unwrap();
+    let model = WanTransformer::<B>::from_dir(&src, &default_device()).unwrap();
     let e = model
         .load_weights(
             &[src.join("diffusion_pytorch_model.safetensors")],

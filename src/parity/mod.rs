@@ -7,6 +7,7 @@
 pub mod dit;
 pub mod scheduler;
 pub mod tensors;
+pub mod text;
 
 use burn::tensor::backend::Backend;
 use serde_json::Value;
@@ -184,6 +185,7 @@ fn run_loaded<B: Backend>(case: &Case, device: &B::Device) -> Result<Outcome, Pa
     let rel_l2 = match kind {
         "scheduler" => scheduler::run::<B>(case, device)?,
         "dit_forward" => dit::run::<B>(case, device)?,
+        "text_encode" => text::run::<B>(case, device)?,
         other => return Ok(Outcome::Unsupported(other.to_owned())),
     };
     Ok(Outcome::Ran { rel_l2, tol })

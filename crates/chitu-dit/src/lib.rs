@@ -27,9 +27,10 @@ mod model;
 
 pub use attention::{AttentionKind, AttentionOp};
 pub use block::{BlockHook, BlockInputs, BlockPart, NoHook, WanBlock};
+pub use chitu_store::{weight_files, LoadReport};
 pub use config::WanDitConfig;
 pub use layers::{layer_norm, modulate};
-pub use load::{weight_files, CheckpointLayout, LoadReport};
+pub use load::CheckpointLayout;
 pub use model::{Embedded, WanTransformer, ROPE_THETA};
 
 /// Errors from building, loading or running the DiT.

@@ -2,15 +2,12 @@
 //!
 //! The crate's modules are named after diffusers' keys; each layout has one remap table from its
 //! checkpoint names to the module paths. Files may be one safetensors file or shards listed by a
-//! `*.safetensors.index.json`; weights stored in bf16/f16 are cast to the model's float type.
+//! `*.safetensors.index.json`; weights stored in bf16/f16 are cast to f32 (see `chitu-store`).
 
 use crate::{DitError, WanDitConfig, WanTransformer};
 use burn::tensor::backend::Backend;
-use burn::tensor::DType;
-use burn_store::{KeyRemapper, ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore, TensorSnapshot};
-use std::collections::BTreeSet;
+use chitu_store::{load_strict, weight_files, LoadReport};
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
 
 /// Which naming scheme a checkpoint uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,76 +71,6 @@ impl CheckpointLayout {
     }
 }
 
-/// The weight files of a model folder: the shards named by `<stem>.safetensors.index.json` if it
-/// exists, else `<stem>.safetensors`.
-pub fn weight_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>, DitError> {
-    let index = dir.join(format!("{stem}.safetensors.index.json"));
-    if index.exists() {
-        let text = std::fs::read_to_string(&index).map_err(|e| DitError::Io(index.display().to_string(), e))?;
-        let json: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| DitError::Weights(format!("{}: invalid JSON: {e}", index.display())))?;
-        let map = json
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| DitError::Weights(format!("{}: no weight_map object", index.display())))?;
-        let names: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
-        let files: Vec<PathBuf> = names.into_iter().map(|n| dir.join(n)).collect();
-        if let Some(missing) = files.iter().find(|f| !f.exists()) {
-            return Err(DitError::Weights(format!(
-                "{} lists shard {} which does not exist",
-                index.display(),
-                missing.display()
-            )));
-        }
-        return Ok(files);
-    }
-    let single = dir.join(format!("{stem}.safetensors"));
-    if single.exists() {
-        Ok(vec![single])
-    } else {
-        Err(DitError::Weights(format!(
-            "no weights in {}: expected {stem}.safetensors or {stem}.safetensors.index.json",
-            dir.display()
-        )))
-    }
-}
-
-/// Casts float snapshots to one dtype (bf16 checkpoints into an f32 model, for instance).
-#[derive(Clone)]
-struct CastFloats(DType);
-
-impl ModuleAdapter for CastFloats {
-    fn adapt(&self, snapshot: &TensorSnapshot) -> TensorSnapshot {
-        let target = self.0;
-        let is_float = matches!(snapshot.dtype, DType::F64 | DType::F32 | DType::F16 | DType::BF16);
-        if !is_float || snapshot.dtype == target {
-            return snapshot.clone();
-        }
-        let data = snapshot.clone_data_fn();
-        TensorSnapshot::from_closure(
-            Rc::new(move || Ok(data()?.convert_dtype(target))),
-            target,
-            snapshot.shape.clone(),
-            snapshot.path_stack.clone().unwrap_or_default(),
-            snapshot.container_stack.clone().unwrap_or_default(),
-            snapshot.tensor_id.unwrap_or_default(),
-        )
-    }
-
-    fn clone_box(&self) -> Box<dyn ModuleAdapter> {
-        Box::new(self.clone())
-    }
-}
-
-/// What a load applied.
-#[derive(Debug, Clone, Default)]
-pub struct LoadReport {
-    /// Tensors loaded.
-    pub applied: usize,
-    /// Files read.
-    pub files: Vec<PathBuf>,
-}
-
 impl<B: Backend> WanTransformer<B> {
     /// Loads a transformer folder: `config.json` (either dialect) and its weights, one file or
     /// shards with an index. The layout is taken from the config's dialect.
@@ -157,80 +84,16 @@ impl<B: Backend> WanTransformer<B> {
         let config =
             WanDitConfig::from_json(&json).map_err(|e| DitError::Config(format!("{}: {e}", config_path.display())))?;
         let layout = CheckpointLayout::of_config(&json);
-        let files = weight_files(dir, "diffusion_pytorch_model")?;
-        let mut model = Self::new(config, device)?;
-        model.load_weights(&files, layout)?;
+        let files = weight_files(dir, "diffusion_pytorch_model").map_err(|e| DitError::Weights(e.to_string()))?;
+        let (model, _) = Self::new(config, device)?.load_weights(&files, layout)?;
         Ok(model)
     }
 
-    /// Loads weights from safetensors files in the given layout. Every module tensor must be
-    /// found exactly once with the right shape, and every checkpoint tensor must be used;
+    /// Loads weights from safetensors files (or shards) in the given layout. Every module tensor
+    /// must be found exactly once with the right shape, and every checkpoint tensor must be used;
     /// otherwise the error lists the offending keys.
-    pub fn load_weights(&mut self, files: &[PathBuf], layout: CheckpointLayout) -> Result<LoadReport, DitError> {
-        let remapper = KeyRemapper::from_patterns(layout.remap_table().to_vec())
-            .map_err(|e| DitError::Weights(format!("bad remap table: {e}")))?;
-        let expected: BTreeSet<String> = self.collect(None, None, false).iter().map(|s| s.full_path()).collect();
-        let mut applied = BTreeSet::new();
-        let mut unused = Vec::new();
-        let mut errors = Vec::new();
-        for file in files {
-            if !file.exists() {
-                return Err(DitError::Weights(format!(
-                    "weight file {} does not exist",
-                    file.display()
-                )));
-            }
-            let mut store = SafetensorsStore::from_file(file)
-                .with_from_adapter(PyTorchToBurnAdapter.chain(CastFloats(DType::F32)))
-                .remap(remapper.clone())
-                .allow_partial(true)
-                .validate(false);
-            let result = self
-                .load_from(&mut store)
-                .map_err(|e| DitError::Weights(format!("{}: {e}", file.display())))?;
-            for key in result.applied {
-                if !applied.insert(key.clone()) {
-                    errors.push(format!("{key} appears in more than one shard"));
-                }
-            }
-            unused.extend(
-                result
-                    .unused
-                    .into_iter()
-                    .map(|k| format!("{k} (in {})", file.display())),
-            );
-            errors.extend(result.errors.iter().map(|e| format!("{e:?}")));
-        }
-        let missing: Vec<&String> = expected.difference(&applied).collect();
-        let mut problems = Vec::new();
-        if !missing.is_empty() {
-            problems.push(format!("missing keys: {}", join(&missing)));
-        }
-        if !unused.is_empty() {
-            problems.push(format!("unexpected keys: {}", join(&unused)));
-        }
-        if !errors.is_empty() {
-            problems.push(format!("bad tensors: {}", join(&errors)));
-        }
-        if !problems.is_empty() {
-            return Err(DitError::Weights(format!(
-                "{:?} checkpoint: {}",
-                layout,
-                problems.join("; ")
-            )));
-        }
-        Ok(LoadReport {
-            applied: applied.len(),
-            files: files.to_vec(),
-        })
+    pub fn load_weights(self, files: &[PathBuf], layout: CheckpointLayout) -> Result<(Self, LoadReport), DitError> {
+        load_strict(self, files, layout.remap_table(), &format!("{layout:?}"))
+            .map_err(|e| DitError::Weights(e.to_string()))
     }
-}
-
-fn join<T: std::fmt::Display>(items: &[T]) -> String {
-    const SHOWN: usize = 12;
-    let mut s: Vec<String> = items.iter().take(SHOWN).map(|i| i.to_string()).collect();
-    if items.len() > SHOWN {
-        s.push(format!("... and {} more", items.len() - SHOWN));
-    }
-    s.join(", ")
 }

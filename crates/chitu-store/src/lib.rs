@@ -1,0 +1,207 @@
+//! Strict checkpoint loading shared by chitu's model crates.
+//!
+//! A model crate names its modules after one checkpoint layout and gives one remap table (regex →
+//! replacement, applied in order) per other layout. [`load_strict`] reads one safetensors file,
+//! the shards a `*.safetensors.index.json` lists, or a PyTorch `.pth`/`.pt` pickle, casts float
+//! weights to f32, and fails with the offending keys listed when anything is missing, unexpected
+//! or of the wrong shape: a checkpoint never loads half-way.
+
+use burn::module::{Module, ModuleMapper, Param};
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor};
+use burn_store::{
+    ApplyResult, KeyRemapper, ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter, PytorchStore, SafetensorsStore,
+    TensorSnapshot,
+};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+/// Why a checkpoint could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// A file could not be read.
+    #[error("cannot read {0}: {1}")]
+    Io(String, #[source] std::io::Error),
+    /// The checkpoint does not fit the model, or a file is malformed.
+    #[error("{0}")]
+    Mismatch(String),
+}
+
+/// The weight files of a model folder: the shards named by `<stem>.safetensors.index.json` if it
+/// exists, else `<stem>.safetensors`.
+pub fn weight_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>, LoadError> {
+    let index = dir.join(format!("{stem}.safetensors.index.json"));
+    if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(|e| LoadError::Io(index.display().to_string(), e))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| LoadError::Mismatch(format!("{}: invalid JSON: {e}", index.display())))?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| LoadError::Mismatch(format!("{}: no weight_map object", index.display())))?;
+        let names: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
+        let files: Vec<PathBuf> = names.into_iter().map(|n| dir.join(n)).collect();
+        if let Some(missing) = files.iter().find(|f| !f.exists()) {
+            return Err(LoadError::Mismatch(format!(
+                "{} lists shard {} which does not exist",
+                index.display(),
+                missing.display()
+            )));
+        }
+        return Ok(files);
+    }
+    let single = dir.join(format!("{stem}.safetensors"));
+    if single.exists() {
+        Ok(vec![single])
+    } else {
+        Err(LoadError::Mismatch(format!(
+            "no weights in {}: expected {stem}.safetensors or {stem}.safetensors.index.json",
+            dir.display()
+        )))
+    }
+}
+
+/// Casts float snapshots to one dtype as they are read (bf16 checkpoints into an f32 model).
+#[derive(Clone)]
+struct CastFloats(DType);
+
+impl ModuleAdapter for CastFloats {
+    fn adapt(&self, snapshot: &TensorSnapshot) -> TensorSnapshot {
+        let target = self.0;
+        let is_float = matches!(snapshot.dtype, DType::F64 | DType::F32 | DType::F16 | DType::BF16);
+        if !is_float || snapshot.dtype == target {
+            return snapshot.clone();
+        }
+        let data = snapshot.clone_data_fn();
+        TensorSnapshot::from_closure(
+            Rc::new(move || Ok(data()?.convert_dtype(target))),
+            target,
+            snapshot.shape.clone(),
+            snapshot.path_stack.clone().unwrap_or_default(),
+            snapshot.container_stack.clone().unwrap_or_default(),
+            snapshot.tensor_id.unwrap_or_default(),
+        )
+    }
+
+    fn clone_box(&self) -> Box<dyn ModuleAdapter> {
+        Box::new(self.clone())
+    }
+}
+
+/// Casts every float parameter of a module (PyTorch pickles load in their stored dtype).
+struct CastParams(DType);
+
+impl<B: Backend> ModuleMapper<B> for CastParams {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let target = self.0;
+        param.map(|t| if t.dtype() == target { t } else { t.cast(target) })
+    }
+}
+
+/// What a load applied.
+#[derive(Debug, Clone, Default)]
+pub struct LoadReport {
+    /// Tensors loaded.
+    pub applied: usize,
+    /// Files read.
+    pub files: Vec<PathBuf>,
+}
+
+/// Loads `files` into `module`, renaming checkpoint keys with `remap` (regex, replacement) pairs.
+/// `.pth`/`.pt` files go through burn-store's PyTorch reader, everything else through its
+/// safetensors reader. Every module tensor must be found once with the right shape and every
+/// checkpoint tensor must be used; `label` names the layout in errors.
+pub fn load_strict<B: Backend, M: Module<B>>(
+    module: M,
+    files: &[PathBuf],
+    remap: &[(&str, &str)],
+    label: &str,
+) -> Result<(M, LoadReport), LoadError> {
+    let remapper =
+        KeyRemapper::from_patterns(remap.to_vec()).map_err(|e| LoadError::Mismatch(format!("bad remap table: {e}")))?;
+    let mut module = module;
+    let expected: BTreeSet<String> = module
+        .collect(None, None, false)
+        .iter()
+        .map(|s| s.full_path())
+        .collect();
+    let mut applied = BTreeSet::new();
+    let (mut unused, mut errors) = (Vec::new(), Vec::new());
+    let mut any_pickle = false;
+    for file in files {
+        if !file.exists() {
+            return Err(LoadError::Mismatch(format!(
+                "weight file {} does not exist",
+                file.display()
+            )));
+        }
+        let is_pickle = matches!(file.extension().and_then(|e| e.to_str()), Some("pth" | "pt" | "bin"));
+        any_pickle |= is_pickle;
+        let result: ApplyResult = if is_pickle {
+            let mut store = PytorchStore::from_file(file)
+                .remap(remapper.clone())
+                .allow_partial(true)
+                .validate(false);
+            module
+                .load_from(&mut store)
+                .map_err(|e| LoadError::Mismatch(format!("{}: {e}", file.display())))?
+        } else {
+            let mut store = SafetensorsStore::from_file(file)
+                .with_from_adapter(PyTorchToBurnAdapter.chain(CastFloats(DType::F32)))
+                .remap(remapper.clone())
+                .allow_partial(true)
+                .validate(false);
+            module
+                .load_from(&mut store)
+                .map_err(|e| LoadError::Mismatch(format!("{}: {e}", file.display())))?
+        };
+        for key in result.applied {
+            if !applied.insert(key.clone()) {
+                errors.push(format!("{key} appears in more than one shard"));
+            }
+        }
+        unused.extend(
+            result
+                .unused
+                .into_iter()
+                .map(|k| format!("{k} (in {})", file.display())),
+        );
+        errors.extend(result.errors.iter().map(|e| format!("{e:?}")));
+    }
+    let missing: Vec<&String> = expected.difference(&applied).collect();
+    let mut problems = Vec::new();
+    if !missing.is_empty() {
+        problems.push(format!("missing keys: {}", list(&missing)));
+    }
+    if !unused.is_empty() {
+        problems.push(format!("unexpected keys: {}", list(&unused)));
+    }
+    if !errors.is_empty() {
+        problems.push(format!("bad tensors: {}", list(&errors)));
+    }
+    if !problems.is_empty() {
+        return Err(LoadError::Mismatch(format!(
+            "{label} checkpoint: {}",
+            problems.join("; ")
+        )));
+    }
+    if any_pickle {
+        module = module.map(&mut CastParams(DType::F32));
+    }
+    let report = LoadReport {
+        applied: applied.len(),
+        files: files.to_vec(),
+    };
+    Ok((module, report))
+}
+
+/// Joins at most a dozen items, then says how many more there were.
+fn list<T: std::fmt::Display>(items: &[T]) -> String {
+    const SHOWN: usize = 12;
+    let mut s: Vec<String> = items.iter().take(SHOWN).map(|i| i.to_string()).collect();
+    if items.len() > SHOWN {
+        s.push(format!("... and {} more", items.len() - SHOWN));
+    }
+    s.join(", ")
+}

@@ -1,0 +1,44 @@
+//! Text conditioning for Wan: prompt cleaning, the T5 tokenizer, and the UMT5 encoder.
+//!
+//! [`TextEncoder::encode_prompt`] gives what diffusers' `WanPipeline` feeds the DiT: encoder states
+//! trimmed to each prompt's length and zero beyond it, `[B, max_len, d_model]`.
+//!
+//! ```no_run
+//! use burn_flex::Flex;
+//! use chitu_text::TextEncoder;
+//! # fn main() -> Result<(), chitu_text::TextError> {
+//! let device = Default::default();
+//! let enc = TextEncoder::<Flex>::from_pipeline_dir("Wan2.1-T2V-1.3B-Diffusers", &device)?;
+//! let embeds = enc.encode_prompt(&["A cat walking on grass", ""], 512)?;
+//! # Ok(()) }
+//! ```
+
+mod config;
+mod encoder;
+mod load;
+mod tokenizer;
+
+pub use config::Umt5Config;
+pub use encoder::{relative_position_bucket, Umt5Block, Umt5Encoder};
+pub use load::{TextEncoder, TextLayout};
+pub use tokenizer::{clean_prompt, Encoded, T5Tokenizer};
+
+/// Errors from the tokenizer or the encoder.
+#[derive(Debug, thiserror::Error)]
+pub enum TextError {
+    /// A file could not be read.
+    #[error("cannot read {0}: {1}")]
+    Io(String, #[source] std::io::Error),
+    /// The tokenizer file is missing or malformed, or tokenizing failed.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// The encoder config is malformed or unsupported.
+    #[error("invalid text encoder config: {0}")]
+    Config(String),
+    /// The weights do not match the model.
+    #[error("{0}")]
+    Weights(String),
+    /// An input is out of range.
+    #[error("bad text encoder input: {0}")]
+    Input(String),
+}

@@ -1,0 +1,143 @@
+//! Loading the text side of a Wan model, and the pipeline's `encode_prompt`.
+
+use crate::{Encoded, T5Tokenizer, TextError, Umt5Config, Umt5Encoder};
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+use chitu_store::{load_strict, weight_files};
+use std::path::{Path, PathBuf};
+
+/// Which naming scheme an encoder checkpoint uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextLayout {
+    /// transformers' `UMT5EncoderModel` (`encoder.block.0.layer.0.SelfAttention.q.weight`, `shared.weight`).
+    Transformers,
+    /// Wan's `models_t5_umt5-xxl-enc-bf16.pth` (`blocks.0.attn.q.weight`, `token_embedding.weight`).
+    Wan,
+}
+
+/// transformers names → module paths. `encoder.embed_tokens` is tied to `shared`; either may be stored.
+const TRANSFORMERS_REMAP: &[(&str, &str)] = &[
+    (r"^shared\.weight$", "token_embedding.weight"),
+    (r"^encoder\.embed_tokens\.weight$", "token_embedding.weight"),
+    (
+        r"^encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.relative_attention_bias\.",
+        "blocks.$1.pos_embedding.",
+    ),
+    (
+        r"^encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.(q|k|v|o)\.",
+        "blocks.$1.attn.$2.",
+    ),
+    (r"^encoder\.block\.(\d+)\.layer\.0\.layer_norm\.", "blocks.$1.norm1."),
+    (
+        r"^encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.(wi_0|wi_1|wo)\.",
+        "blocks.$1.ffn.$2.",
+    ),
+    (r"^encoder\.block\.(\d+)\.layer\.1\.layer_norm\.", "blocks.$1.norm2."),
+    (r"^encoder\.final_layer_norm\.", "norm."),
+];
+
+/// Wan's `t5.py` names → module paths: its `ffn.gate.0` (GELU branch) is `wi_0` and `fc1` is `wi_1`.
+const WAN_REMAP: &[(&str, &str)] = &[
+    (r"\.ffn\.gate\.0\.", ".ffn.wi_0."),
+    (r"\.ffn\.fc1\.", ".ffn.wi_1."),
+    (r"\.ffn\.fc2\.", ".ffn.wo."),
+    (r"\.pos_embedding\.embedding\.", ".pos_embedding."),
+];
+
+impl TextLayout {
+    /// The remap table of this layout.
+    pub fn remap_table(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Self::Transformers => TRANSFORMERS_REMAP,
+            Self::Wan => WAN_REMAP,
+        }
+    }
+}
+
+impl<B: Backend> Umt5Encoder<B> {
+    /// Loads weights (safetensors files or shards, or a `.pth`) in the given layout.
+    pub fn load_weights(self, files: &[PathBuf], layout: TextLayout) -> Result<Self, TextError> {
+        load_strict(self, files, layout.remap_table(), &format!("{layout:?} UMT5"))
+            .map(|(m, _)| m)
+            .map_err(|e| TextError::Weights(e.to_string()))
+    }
+
+    /// Loads a transformers `text_encoder/` folder: `config.json` plus `model.safetensors` or
+    /// shards with `model.safetensors.index.json`.
+    pub fn from_dir(dir: impl AsRef<Path>, device: &B::Device) -> Result<Self, TextError> {
+        let dir = dir.as_ref();
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| TextError::Io(path.display().to_string(), e))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| TextError::Config(format!("{}: {e}", path.display())))?;
+        let config = Umt5Config::from_json(&json).map_err(|e| TextError::Config(format!("{}: {e}", path.display())))?;
+        let files = weight_files(dir, "model").map_err(|e| TextError::Weights(e.to_string()))?;
+        Self::new(config, device)?.load_weights(&files, TextLayout::Transformers)
+    }
+}
+
+/// Tokenizer plus encoder: everything between a prompt and the DiT's text states.
+pub struct TextEncoder<B: Backend> {
+    pub tokenizer: T5Tokenizer,
+    pub encoder: Umt5Encoder<B>,
+    device: B::Device,
+}
+
+impl<B: Backend> TextEncoder<B> {
+    /// Pairs a tokenizer with an encoder on `device`.
+    pub fn new(tokenizer: T5Tokenizer, encoder: Umt5Encoder<B>, device: B::Device) -> Self {
+        Self {
+            tokenizer,
+            encoder,
+            device,
+        }
+    }
+
+    /// Loads `tokenizer/tokenizer.json` and `text_encoder/` of a diffusers pipeline folder.
+    pub fn from_pipeline_dir(dir: impl AsRef<Path>, device: &B::Device) -> Result<Self, TextError> {
+        let dir = dir.as_ref();
+        let tokenizer = T5Tokenizer::from_file(dir.join("tokenizer/tokenizer.json"))?;
+        let encoder = Umt5Encoder::from_dir(dir.join("text_encoder"), device)?;
+        Ok(Self::new(tokenizer, encoder, device.clone()))
+    }
+
+    /// Loads Wan's own release files: the UMT5-XXL encoder checkpoint (`.pth` or `.safetensors`
+    /// in Wan's key layout) and a `tokenizer.json` (Wan ships it under `google/umt5-xxl/`).
+    pub fn from_wan_files(
+        checkpoint: impl AsRef<Path>,
+        tokenizer: impl AsRef<Path>,
+        config: Umt5Config,
+        device: &B::Device,
+    ) -> Result<Self, TextError> {
+        let tokenizer = T5Tokenizer::from_file(tokenizer)?;
+        let encoder =
+            Umt5Encoder::new(config, device)?.load_weights(&[checkpoint.as_ref().to_owned()], TextLayout::Wan)?;
+        Ok(Self::new(tokenizer, encoder, device.clone()))
+    }
+
+    /// Tokenizes `prompts` and runs the encoder: ids and mask, and the last hidden state
+    /// `[B, max_len, d_model]` (padding positions included, as transformers returns them).
+    pub fn encode(&self, prompts: &[&str], max_len: usize) -> Result<(Encoded, Tensor<B, 3>), TextError> {
+        let enc = self.tokenizer.encode(prompts, max_len)?;
+        let hidden = self.encoder.forward(&enc.ids, &enc.mask, enc.batch, &self.device)?;
+        Ok((enc, hidden))
+    }
+
+    /// The prompt embeddings diffusers' WanPipeline gives the DiT: encoder states of each prompt's
+    /// true tokens, exactly zero past them, `[B, max_len, d_model]`.
+    pub fn encode_prompt(&self, prompts: &[&str], max_len: usize) -> Result<Tensor<B, 3>, TextError> {
+        let (enc, hidden) = self.encode(prompts, max_len)?;
+        Ok(trim_to_mask(hidden, &enc, &self.device))
+    }
+}
+
+/// Zeroes every position past each row's true length.
+pub(crate) fn trim_to_mask<B: Backend>(hidden: Tensor<B, 3>, enc: &Encoded, device: &B::Device) -> Tensor<B, 3> {
+    let keep: Vec<f32> = (0..enc.batch)
+        .flat_map(|i| {
+            let n = enc.len(i);
+            (0..enc.max_len).map(move |j| if j < n { 1.0 } else { 0.0 })
+        })
+        .collect();
+    let keep = Tensor::<B, 2>::from_data(TensorData::new(keep, [enc.batch, enc.max_len]), device);
+    hidden * keep.unsqueeze_dim(2)
+}

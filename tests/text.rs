@@ -1,0 +1,140 @@
+//! Tokenizer and UMT5 encoder against transformers, and Wan's own checkpoint layout.
+
+use chitu::parity::tensors::{rel_l2, HostTensor};
+use chitu::parity::{text, Case};
+use chitu::text::{T5Tokenizer, TextEncoder, Umt5Config};
+use chitu::{default_device, DefaultBackend as B};
+use safetensors::tensor::TensorView;
+use safetensors::SafeTensors;
+use std::path::{Path, PathBuf};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity")
+}
+
+fn model_dir() -> PathBuf {
+    fixtures().join("models/wan21")
+}
+
+fn floats(t: burn::tensor::Tensor<B, 3>) -> Vec<f32> {
+    HostTensor::from_backend(t).unwrap().as_f32("t").unwrap().to_vec()
+}
+
+#[test]
+fn every_output_matches_transformers() {
+    let case = Case::load(&fixtures(), "text_encode").unwrap();
+    for (name, out) in text::encode::<B>(&case, &default_device()).unwrap() {
+        let e = chitu::parity::tensors::compare(name, &out, case.tensor(name).unwrap()).unwrap();
+        let tol = if name.contains("ids") || name.contains("mask") {
+            0.0
+        } else {
+            1e-4
+        };
+        assert!(e <= tol, "{name}: {e}");
+    }
+}
+
+#[test]
+fn embeddings_are_zero_past_each_prompt_and_empty_prompt_works() {
+    let enc = TextEncoder::<B>::from_pipeline_dir(model_dir(), &default_device()).unwrap();
+    let embeds = floats(enc.encode_prompt(&["A cat walking on grass", ""], 24).unwrap());
+    let d = enc.encoder.config.d_model;
+    let row = |r: usize, p: usize| &embeds[(r * 24 + p) * d..(r * 24 + p + 1) * d];
+    // The empty prompt is just `</s>`: one live position, the rest exactly zero.
+    assert!(row(1, 0).iter().any(|&v| v != 0.0));
+    assert!((1..24).all(|p| row(1, p).iter().all(|&v| v == 0.0)));
+    let ids = enc.tokenizer.encode(&["A cat walking on grass"], 24).unwrap();
+    let n = ids.len(0);
+    assert!(row(0, n - 1).iter().any(|&v| v != 0.0));
+    assert!((n..24).all(|p| row(0, p).iter().all(|&v| v == 0.0)));
+}
+
+#[test]
+fn long_prompts_are_truncated_keeping_the_closing_token() {
+    let tok = T5Tokenizer::from_file(model_dir().join("tokenizer/tokenizer.json")).unwrap();
+    let long = "a cat walking on grass ".repeat(40);
+    let enc = tok.encode(&[&long], 8).unwrap();
+    assert_eq!(enc.ids.len(), 8);
+    assert_eq!(enc.mask, vec![1; 8]);
+    assert_eq!(enc.ids[7], 1, "last id must be </s>: {:?}", enc.ids);
+    let short = tok.encode(&[&long], 64).unwrap();
+    assert_eq!(&short.ids[..7], &enc.ids[..7]);
+    // Cleaning folds whitespace and unescapes HTML before tokenizing.
+    assert_eq!(
+        tok.encode(&["  A   cat&#32;walking\ton grass "], 24).unwrap(),
+        tok.encode(&["A cat walking on grass"], 24).unwrap()
+    );
+}
+
+#[test]
+fn missing_tokenizer_names_the_path() {
+    let e = T5Tokenizer::from_file("/nonexistent/tokenizer/tokenizer.json")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("/nonexistent/tokenizer/tokenizer.json"), "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    let e = TextEncoder::<B>::from_pipeline_dir(dir.path(), &default_device())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("tokenizer.json"), "{e}");
+}
+
+/// Renames the transformers checkpoint to Wan's `t5.py` names and writes it to `path`.
+fn write_wan_layout(path: &Path, drop: Option<&str>) {
+    let bytes = std::fs::read(model_dir().join("text_encoder/model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let rename = |k: &str| -> String {
+        if k == "shared.weight" {
+            return "token_embedding.weight".into();
+        }
+        if k == "encoder.final_layer_norm.weight" {
+            return "norm.weight".into();
+        }
+        let parts: Vec<&str> = k.split('.').collect();
+        let (i, rest) = (parts[2], parts[3..].join("."));
+        let tail = match rest.as_str() {
+            "layer.0.SelfAttention.relative_attention_bias.weight" => "pos_embedding.embedding.weight".to_string(),
+            "layer.0.layer_norm.weight" => "norm1.weight".into(),
+            "layer.1.layer_norm.weight" => "norm2.weight".into(),
+            "layer.1.DenseReluDense.wi_0.weight" => "ffn.gate.0.weight".into(),
+            "layer.1.DenseReluDense.wi_1.weight" => "ffn.fc1.weight".into(),
+            "layer.1.DenseReluDense.wo.weight" => "ffn.fc2.weight".into(),
+            other => other.replace("layer.0.SelfAttention.", "attn."),
+        };
+        format!("blocks.{i}.{tail}")
+    };
+    let views: Vec<(String, TensorView)> = st
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| (rename(&k), v))
+        .filter(|(k, _)| Some(k.as_str()) != drop)
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+#[test]
+fn wan_checkpoint_layout_loads_to_the_same_encoder() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("umt5-enc.safetensors");
+    write_wan_layout(&ckpt, None);
+    let config: Umt5Config =
+        serde_json::from_str(&std::fs::read_to_string(model_dir().join("text_encoder/config.json")).unwrap()).unwrap();
+    let tok = model_dir().join("tokenizer/tokenizer.json");
+    let dev = default_device();
+    let wan = TextEncoder::<B>::from_wan_files(&ckpt, &tok, config.clone(), &dev).unwrap();
+    let hf = TextEncoder::<B>::from_pipeline_dir(model_dir(), &dev).unwrap();
+    let prompts = ["A cat walking on grass", "blurry, low quality, static"];
+    let a = floats(wan.encode_prompt(&prompts, 24).unwrap());
+    let b = floats(hf.encode_prompt(&prompts, 24).unwrap());
+    assert_eq!(rel_l2(&a, &b), 0.0);
+
+    // A renamed checkpoint with a tensor missing fails and names it.
+    write_wan_layout(&ckpt, Some("blocks.1.ffn.gate.0.weight"));
+    let e = TextEncoder::<B>::from_wan_files(&ckpt, &tok, config, &dev)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("blocks.1.ffn.wi_0.weight"), "{e}");
+}
