@@ -3,7 +3,8 @@
 //! This facade re-exports the member crates so that one dependency gives the whole engine:
 //! - [`sched`]: flow-matching noise schedulers matching diffusers (UniPC, DPM-Solver++, Euler);
 //! - [`dit`]: the Wan diffusion transformer;
-//! - [`text`]: prompt cleaning, the T5 tokenizer and the UMT5 encoder.
+//! - [`text`]: prompt cleaning, the T5 tokenizer and the UMT5 encoder;
+//! - [`vae`]: the Wan 3D causal VAE.
 //!
 //! It also owns the parity runner ([`parity`]) that checks every component against reference
 //! outputs made with diffusers/transformers.
@@ -11,6 +12,7 @@
 pub use chitu_dit as dit;
 pub use chitu_sched as sched;
 pub use chitu_text as text;
+pub use chitu_vae as vae;
 
 pub mod parity;
 

@@ -8,6 +8,7 @@ pub mod dit;
 pub mod scheduler;
 pub mod tensors;
 pub mod text;
+pub mod vae;
 
 use burn::tensor::backend::Backend;
 use serde_json::Value;
@@ -186,6 +187,7 @@ fn run_loaded<B: Backend>(case: &Case, device: &B::Device) -> Result<Outcome, Pa
         "scheduler" => scheduler::run::<B>(case, device)?,
         "dit_forward" => dit::run::<B>(case, device)?,
         "text_encode" => text::run::<B>(case, device)?,
+        "vae_decode" | "vae_encode" | "vae_decode_tiled" => vae::run::<B>(case, device)?,
         other => return Ok(Outcome::Unsupported(other.to_owned())),
     };
     Ok(Outcome::Ran { rel_l2, tol })

@@ -3,7 +3,7 @@
 //! A model crate names its modules after one checkpoint layout and gives one remap table (regex →
 //! replacement, applied in order) per other layout. [`load_strict`] reads one safetensors file,
 //! the shards a `*.safetensors.index.json` lists, or a PyTorch `.pth`/`.pt` pickle, casts float
-//! weights to f32, and fails with the offending keys listed when anything is missing, unexpected
+//! weights to f32, drops enum variant names from module paths (PyTorch has none), and fails with the offending keys listed when anything is missing, unexpected
 //! or of the wrong shape: a checkpoint never loads half-way.
 
 use burn::module::{Module, ModuleMapper, Param};
@@ -121,11 +121,9 @@ pub fn load_strict<B: Backend, M: Module<B>>(
     let remapper =
         KeyRemapper::from_patterns(remap.to_vec()).map_err(|e| LoadError::Mismatch(format!("bad remap table: {e}")))?;
     let mut module = module;
-    let expected: BTreeSet<String> = module
-        .collect(None, None, false)
-        .iter()
-        .map(|s| s.full_path())
-        .collect();
+    // A tensor is missing when no file supplied it; burn-store reports misses per file, in the
+    // module's own path spelling (which, unlike checkpoint keys, includes enum variant names).
+    let mut missing: Option<BTreeSet<String>> = None;
     let mut applied = BTreeSet::new();
     let (mut unused, mut errors) = (Vec::new(), Vec::new());
     let mut any_pickle = false;
@@ -141,6 +139,7 @@ pub fn load_strict<B: Backend, M: Module<B>>(
         let result: ApplyResult = if is_pickle {
             let mut store = PytorchStore::from_file(file)
                 .remap(remapper.clone())
+                .skip_enum_variants(true)
                 .allow_partial(true)
                 .validate(false);
             module
@@ -150,12 +149,18 @@ pub fn load_strict<B: Backend, M: Module<B>>(
             let mut store = SafetensorsStore::from_file(file)
                 .with_from_adapter(PyTorchToBurnAdapter.chain(CastFloats(DType::F32)))
                 .remap(remapper.clone())
+                .skip_enum_variants(true)
                 .allow_partial(true)
                 .validate(false);
             module
                 .load_from(&mut store)
                 .map_err(|e| LoadError::Mismatch(format!("{}: {e}", file.display())))?
         };
+        let file_missing: BTreeSet<String> = result.missing.iter().map(|(path, _)| path.clone()).collect();
+        missing = Some(match missing {
+            None => file_missing,
+            Some(m) => m.intersection(&file_missing).cloned().collect(),
+        });
         for key in result.applied {
             if !applied.insert(key.clone()) {
                 errors.push(format!("{key} appears in more than one shard"));
@@ -169,7 +174,7 @@ pub fn load_strict<B: Backend, M: Module<B>>(
         );
         errors.extend(result.errors.iter().map(|e| format!("{e:?}")));
     }
-    let missing: Vec<&String> = expected.difference(&applied).collect();
+    let missing: Vec<String> = missing.unwrap_or_default().into_iter().collect();
     let mut problems = Vec::new();
     if !missing.is_empty() {
         problems.push(format!("missing keys: {}", list(&missing)));

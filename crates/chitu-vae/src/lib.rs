@@ -1,0 +1,42 @@
+//! The Wan2.1 3D causal VAE in burn, reproducing diffusers' `AutoencoderKLWan`: chunked causal
+//! encode (frame 0, then 4 frames at a time) and decode (one latent frame at a time) with the
+//! feature cache, and spatial tiling with blended overlaps for bounded memory.
+//!
+//! ```no_run
+//! use burn_flex::Flex;
+//! use chitu_vae::WanVae;
+//! # fn main() -> Result<(), chitu_vae::VaeError> {
+//! let device = Default::default();
+//! let vae = WanVae::<Flex>::from_dir("Wan2.1-T2V-1.3B-Diffusers/vae", &device)?;
+//! # let latents = burn::tensor::Tensor::zeros([1, 16, 21, 60, 104], &device);
+//! let video = vae.decode(vae.denormalize(latents))?; // [1, 3, 81, 480, 832] in [-1, 1]
+//! # Ok(()) }
+//! ```
+
+mod config;
+pub mod layers;
+mod load;
+mod model;
+mod tiling;
+
+pub use config::WanVaeConfig;
+pub use load::VaeLayout;
+pub use model::{Decoder, DownLayer, Encoder, Posterior, UpBlock, WanVae};
+pub use tiling::TileConfig;
+
+/// Errors from building, loading or running the VAE.
+#[derive(Debug, thiserror::Error)]
+pub enum VaeError {
+    /// A file could not be read.
+    #[error("cannot read {0}: {1}")]
+    Io(String, #[source] std::io::Error),
+    /// The config is malformed or unsupported.
+    #[error("invalid VAE config: {0}")]
+    Config(String),
+    /// The weights do not match the model.
+    #[error("{0}")]
+    Weights(String),
+    /// An input has the wrong shape.
+    #[error("bad VAE input: {0}")]
+    Shape(String),
+}

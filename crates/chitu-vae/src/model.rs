@@ -1,0 +1,276 @@
+//! The Wan VAE: 3D causal encoder and decoder run chunk by chunk with a feature cache.
+
+use crate::layers::{
+    AttentionBlock, CausalConv3d, FeatCache, MidBlock, Resample, ResampleMode, ResidualBlock, RmsNorm,
+};
+use crate::{VaeError, WanVaeConfig};
+use burn::module::Module;
+use burn::tensor::activation::silu;
+use burn::tensor::{backend::Backend, Tensor};
+
+/// One entry of the encoder's flat layer list (`encoder.down_blocks.N`).
+// Built once per model, a dozen entries: the unequal variant sizes cost a few KiB, and burn's
+// derive needs the modules inline.
+#[allow(clippy::large_enum_variant)]
+#[derive(Module, Debug)]
+pub enum DownLayer<B: Backend> {
+    Residual(ResidualBlock<B>),
+    Attention(AttentionBlock<B>),
+    Resample(Resample<B>),
+}
+
+/// The 3D encoder (diffusers' `WanEncoder3d`).
+#[derive(Module, Debug)]
+pub struct Encoder<B: Backend> {
+    pub conv_in: CausalConv3d<B>,
+    pub down_blocks: Vec<DownLayer<B>>,
+    pub mid_block: MidBlock<B>,
+    pub norm_out: RmsNorm<B, 4>,
+    pub conv_out: CausalConv3d<B>,
+}
+
+impl<B: Backend> Encoder<B> {
+    fn new(c: &WanVaeConfig, device: &B::Device) -> Self {
+        let dims: Vec<usize> = std::iter::once(1)
+            .chain(c.dim_mult.iter().copied())
+            .map(|m| m * c.base_dim)
+            .collect();
+        let mut layers = Vec::new();
+        let mut scale = 1.0;
+        let last = c.dim_mult.len() - 1;
+        for i in 0..c.dim_mult.len() {
+            let (mut d_in, d_out) = (dims[i], dims[i + 1]);
+            for _ in 0..c.num_res_blocks {
+                layers.push(DownLayer::Residual(ResidualBlock::new(d_in, d_out, device)));
+                if c.attn_scales.contains(&scale) {
+                    layers.push(DownLayer::Attention(AttentionBlock::new(d_out, device)));
+                }
+                d_in = d_out;
+            }
+            if i != last {
+                let mode = if c.temperal_downsample[i] {
+                    ResampleMode::Downsample3d
+                } else {
+                    ResampleMode::Downsample2d
+                };
+                layers.push(DownLayer::Resample(Resample::new(d_out, mode, device)));
+                scale /= 2.0;
+            }
+        }
+        let top = dims[dims.len() - 1];
+        Self {
+            conv_in: CausalConv3d::new(c.in_channels, dims[0], [3, 3, 3], 1, [1, 1], device),
+            down_blocks: layers,
+            mid_block: MidBlock::new(top, device),
+            norm_out: RmsNorm::new(top, device),
+            conv_out: CausalConv3d::new(top, 2 * c.z_dim, [3, 3, 3], 1, [1, 1], device),
+        }
+    }
+
+    /// Encodes one chunk of frames.
+    pub fn forward(&self, x: Tensor<B, 5>, cache: &mut FeatCache<B>) -> Tensor<B, 5> {
+        let mut x = self.conv_in.forward_cached(x, cache);
+        for layer in &self.down_blocks {
+            x = match layer {
+                DownLayer::Residual(r) => r.forward(x, cache),
+                DownLayer::Attention(a) => a.forward(x),
+                DownLayer::Resample(r) => r.forward(x, cache),
+            };
+        }
+        let x = self.mid_block.forward(x, cache);
+        self.conv_out.forward_cached(silu(self.norm_out.forward(x)), cache)
+    }
+}
+
+/// An up block of the decoder (diffusers' `WanUpBlock`).
+#[derive(Module, Debug)]
+pub struct UpBlock<B: Backend> {
+    pub resnets: Vec<ResidualBlock<B>>,
+    pub upsamplers: Option<Vec<Resample<B>>>,
+}
+
+/// The 3D decoder (diffusers' `WanDecoder3d`).
+#[derive(Module, Debug)]
+pub struct Decoder<B: Backend> {
+    pub conv_in: CausalConv3d<B>,
+    pub mid_block: MidBlock<B>,
+    pub up_blocks: Vec<UpBlock<B>>,
+    pub norm_out: RmsNorm<B, 4>,
+    pub conv_out: CausalConv3d<B>,
+}
+
+impl<B: Backend> Decoder<B> {
+    fn new(c: &WanVaeConfig, device: &B::Device) -> Self {
+        let base = c.decoder_base_dim.unwrap_or(c.base_dim);
+        let mults: Vec<usize> = std::iter::once(c.dim_mult[c.dim_mult.len() - 1])
+            .chain(c.dim_mult.iter().rev().copied())
+            .collect();
+        let dims: Vec<usize> = mults.iter().map(|m| m * base).collect();
+        let temporal_up: Vec<bool> = c.temperal_downsample.iter().rev().copied().collect();
+        let last = c.dim_mult.len() - 1;
+        let mut up_blocks = Vec::new();
+        for i in 0..c.dim_mult.len() {
+            // Every upsampler halves the width, so later blocks take half the previous width.
+            let d_in = if i > 0 { dims[i] / 2 } else { dims[i] };
+            let d_out = dims[i + 1];
+            let resnets = (0..=c.num_res_blocks)
+                .map(|j| ResidualBlock::new(if j == 0 { d_in } else { d_out }, d_out, device))
+                .collect();
+            let upsamplers = (i != last).then(|| {
+                let mode = if temporal_up[i] {
+                    ResampleMode::Upsample3d
+                } else {
+                    ResampleMode::Upsample2d
+                };
+                vec![Resample::new(d_out, mode, device)]
+            });
+            up_blocks.push(UpBlock { resnets, upsamplers });
+        }
+        let out = dims[dims.len() - 1];
+        Self {
+            conv_in: CausalConv3d::new(c.z_dim, dims[0], [3, 3, 3], 1, [1, 1], device),
+            mid_block: MidBlock::new(dims[0], device),
+            up_blocks,
+            norm_out: RmsNorm::new(out, device),
+            conv_out: CausalConv3d::new(out, c.out_channels, [3, 3, 3], 1, [1, 1], device),
+        }
+    }
+
+    /// Decodes one latent frame.
+    pub fn forward(&self, x: Tensor<B, 5>, cache: &mut FeatCache<B>) -> Tensor<B, 5> {
+        let x = self.conv_in.forward_cached(x, cache);
+        let mut x = self.mid_block.forward(x, cache);
+        for block in &self.up_blocks {
+            for r in &block.resnets {
+                x = r.forward(x, cache);
+            }
+            if let Some(ups) = &block.upsamplers {
+                x = ups[0].forward(x, cache);
+            }
+        }
+        self.conv_out.forward_cached(silu(self.norm_out.forward(x)), cache)
+    }
+}
+
+/// The posterior of an encode: per-latent Gaussian with `logvar` clamped to [-30, 20].
+#[derive(Debug, Clone)]
+pub struct Posterior<B: Backend> {
+    pub mean: Tensor<B, 5>,
+    pub logvar: Tensor<B, 5>,
+}
+
+/// diffusers' `AutoencoderKLWan` (Wan2.1 VAE).
+#[derive(Module, Debug)]
+pub struct WanVae<B: Backend> {
+    pub encoder: Encoder<B>,
+    pub quant_conv: CausalConv3d<B>,
+    pub post_quant_conv: CausalConv3d<B>,
+    pub decoder: Decoder<B>,
+    #[module(skip)]
+    pub config: WanVaeConfig,
+}
+
+impl<B: Backend> WanVae<B> {
+    /// A VAE with random weights; loading replaces them.
+    pub fn new(config: WanVaeConfig, device: &B::Device) -> Result<Self, VaeError> {
+        config.validate()?;
+        let z = config.z_dim;
+        Ok(Self {
+            encoder: Encoder::new(&config, device),
+            quant_conv: CausalConv3d::new(2 * z, 2 * z, [1, 1, 1], 1, [0, 0], device),
+            post_quant_conv: CausalConv3d::new(z, z, [1, 1, 1], 1, [0, 0], device),
+            decoder: Decoder::new(&config, device),
+            config,
+        })
+    }
+
+    /// Encodes video `[B, C, F, H, W]` in about [-1, 1]: frame 0 alone, then chunks of 4 frames,
+    /// carrying the causal cache. `F` must be `4k + 1` and `H`, `W` multiples of the spatial factor.
+    pub fn encode(&self, video: Tensor<B, 5>) -> Result<Posterior<B>, VaeError> {
+        let [_, c, f, h, w] = video.dims();
+        let (sf, tf) = (self.config.spatial_factor(), self.config.temporal_factor());
+        if c != self.config.in_channels {
+            return Err(VaeError::Shape(format!(
+                "video has {c} channels, the VAE expects {}",
+                self.config.in_channels
+            )));
+        }
+        if f == 0 || (f - 1) % tf != 0 {
+            return Err(VaeError::Shape(format!("{f} frames: the VAE encodes {tf}k+1 frames")));
+        }
+        if h == 0 || w == 0 || h % sf != 0 || w % sf != 0 {
+            return Err(VaeError::Shape(format!("{h}x{w} is not a positive multiple of {sf}")));
+        }
+        let mut cache = FeatCache::new();
+        let mut chunks = Vec::new();
+        let mut start = 0;
+        while start < f {
+            let len = if start == 0 { 1 } else { tf };
+            cache.rewind();
+            chunks.push(self.encoder.forward(video.clone().narrow(2, start, len), &mut cache));
+            start += len;
+        }
+        let h = self.quant_conv.forward(Tensor::cat(chunks, 2), None);
+        let z = self.config.z_dim;
+        Ok(Posterior {
+            mean: h.clone().narrow(1, 0, z),
+            logvar: h.narrow(1, z, z).clamp(-30.0, 20.0),
+        })
+    }
+
+    fn check_latents(&self, z: &Tensor<B, 5>) -> Result<(), VaeError> {
+        let [_, c, f, h, w] = z.dims();
+        if c != self.config.z_dim {
+            return Err(VaeError::Shape(format!(
+                "latents have {c} channels, the VAE expects {}",
+                self.config.z_dim
+            )));
+        }
+        if f == 0 || h == 0 || w == 0 {
+            return Err(VaeError::Shape(format!("empty latents {:?}", z.dims())));
+        }
+        Ok(())
+    }
+
+    /// Decodes raw (un-normalised) latents `[B, z, T, h, w]` one latent frame at a time to video
+    /// `[B, C, 1 + 4(T-1), 8h, 8w]` clamped to [-1, 1].
+    pub fn decode(&self, z: Tensor<B, 5>) -> Result<Tensor<B, 5>, VaeError> {
+        self.check_latents(&z)?;
+        Ok(self.decode_unclamped(z).clamp(-1.0, 1.0))
+    }
+
+    pub(crate) fn decode_unclamped(&self, z: Tensor<B, 5>) -> Tensor<B, 5> {
+        let t = z.dims()[2];
+        let x = self.post_quant_conv.forward(z, None);
+        let mut cache = FeatCache::new();
+        let frames: Vec<Tensor<B, 5>> = (0..t)
+            .map(|i| {
+                cache.rewind();
+                self.decoder.forward(x.clone().narrow(2, i, 1), &mut cache)
+            })
+            .collect();
+        Tensor::cat(frames, 2)
+    }
+
+    /// The pipeline's latent de-normalisation before decoding, as diffusers' WanPipeline writes it:
+    /// `latents / (1 / std) + mean` per channel, with `1 / std` rounded to float32.
+    pub fn denormalize(&self, latents: Tensor<B, 5>) -> Tensor<B, 5> {
+        let (mean, inv_std) = self.stats(&latents.device());
+        latents / inv_std + mean
+    }
+
+    /// The inverse of [`WanVae::denormalize`]: `(latents - mean) * (1 / std)`.
+    pub fn normalize(&self, latents: Tensor<B, 5>) -> Tensor<B, 5> {
+        let (mean, inv_std) = self.stats(&latents.device());
+        (latents - mean) * inv_std
+    }
+
+    /// Per-channel mean and `1 / std`, `[1, z, 1, 1, 1]`.
+    fn stats(&self, device: &B::Device) -> (Tensor<B, 5>, Tensor<B, 5>) {
+        let z = self.config.z_dim;
+        let f = |v: Vec<f32>| Tensor::<B, 1>::from_floats(v.as_slice(), device).reshape([1, z, 1, 1, 1]);
+        let mean = self.config.latents_mean.iter().map(|&x| x as f32).collect();
+        let inv_std = self.config.latents_std.iter().map(|&x| 1.0 / x as f32).collect();
+        (f(mean), f(inv_std))
+    }
+}

@@ -1,0 +1,88 @@
+//! The Wan VAE: errors on bad shapes, automatic tiling, latent normalisation.
+
+use burn::tensor::{Distribution, Tensor};
+use chitu::parity::tensors::{rel_l2, HostTensor};
+use chitu::parity::{vae, Case};
+use chitu::vae::{TileConfig, WanVae};
+use chitu::{default_device, DefaultBackend as B};
+use std::path::{Path, PathBuf};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity")
+}
+
+fn vae() -> WanVae<B> {
+    WanVae::from_dir(fixtures().join("models/wan21/vae"), &default_device()).unwrap()
+}
+
+fn host(t: Tensor<B, 5>) -> Vec<f32> {
+    HostTensor::from_backend(t).unwrap().as_f32("t").unwrap().to_vec()
+}
+
+#[test]
+fn every_vae_output_matches_diffusers() {
+    for name in ["vae_decode", "vae_encode", "vae_decode_tiled"] {
+        let case = Case::load(&fixtures(), name).unwrap();
+        for (out_name, out) in vae::outputs::<B>(&case, &default_device()).unwrap() {
+            let e = chitu::parity::tensors::compare(out_name, &out, case.tensor(out_name).unwrap()).unwrap();
+            assert!(e <= 1e-4, "{name}/{out_name}: {e}");
+        }
+    }
+}
+
+#[test]
+fn bad_shapes_are_clear_errors() {
+    let v = vae();
+    let dev = default_device();
+    let e = v
+        .encode(Tensor::zeros([1, 3, 4, 32, 32], &dev))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("4 frames") && e.contains("4k+1"), "{e}");
+    let e = v
+        .encode(Tensor::zeros([1, 3, 5, 30, 32], &dev))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("30x32"), "{e}");
+    let e = v.decode(Tensor::zeros([1, 8, 2, 4, 4], &dev)).unwrap_err().to_string();
+    assert!(e.contains("8 channels"), "{e}");
+    let bad_tiles = TileConfig {
+        min_height: 64,
+        min_width: 64,
+        stride_height: 80,
+        stride_width: 48,
+    };
+    assert!(v
+        .decode_tiled(Tensor::zeros([1, 16, 1, 4, 4], &dev), bad_tiles)
+        .is_err());
+}
+
+#[test]
+fn decode_within_a_budget_tiles_only_when_needed() {
+    let v = vae();
+    let dev = default_device();
+    let z = Tensor::<B, 5>::random([1, 16, 2, 12, 12], Distribution::Normal(0.0, 1.0), &dev);
+    let tiles = TileConfig {
+        min_height: 64,
+        min_width: 64,
+        stride_height: 48,
+        stride_width: 48,
+    };
+    let need = v.estimate_decode_bytes(z.dims());
+    let plain = host(v.decode(z.clone()).unwrap());
+    let tiled = host(v.decode_tiled(z.clone(), tiles).unwrap());
+    assert!(
+        rel_l2(&plain, &tiled) > 0.0,
+        "tiling must change the result at tile seams"
+    );
+    assert_eq!(host(v.decode_within(z.clone(), need, tiles).unwrap()), plain);
+    assert_eq!(host(v.decode_within(z, need - 1, tiles).unwrap()), tiled);
+}
+
+#[test]
+fn normalize_inverts_denormalize() {
+    let v = vae();
+    let z = Tensor::<B, 5>::random([1, 16, 1, 2, 2], Distribution::Normal(0.0, 1.0), &default_device());
+    let back = host(v.normalize(v.denormalize(z.clone())));
+    assert!(rel_l2(&back, &host(z)) < 1e-6);
+}
