@@ -4,12 +4,14 @@
 //! - [`sched`]: flow-matching noise schedulers matching diffusers (UniPC, DPM-Solver++, Euler);
 //! - [`dit`]: the Wan diffusion transformer;
 //! - [`text`]: prompt cleaning, the T5 tokenizer and the UMT5 encoder;
-//! - [`vae`]: the Wan 3D causal VAE.
+//! - [`vae`]: the Wan 3D causal VAE;
+//! - [`gen`]: the Generator that runs whole pipelines.
 //!
 //! It also owns the parity runner ([`parity`]) that checks every component against reference
 //! outputs made with diffusers/transformers.
 
 pub use chitu_dit as dit;
+pub use chitu_gen as gen;
 pub use chitu_sched as sched;
 pub use chitu_text as text;
 pub use chitu_vae as vae;

@@ -5,6 +5,7 @@
 //! `models/`. Each case is run from what its JSON says alone, so any folder with this layout works.
 
 pub mod dit;
+pub mod pipeline;
 pub mod scheduler;
 pub mod tensors;
 pub mod text;
@@ -187,6 +188,7 @@ fn run_loaded<B: Backend>(case: &Case, device: &B::Device) -> Result<Outcome, Pa
         "scheduler" => scheduler::run::<B>(case, device)?,
         "dit_forward" => dit::run::<B>(case, device)?,
         "text_encode" => text::run::<B>(case, device)?,
+        "pipeline" => pipeline::run::<B>(case, device)?,
         "vae_decode" | "vae_encode" | "vae_decode_tiled" => vae::run::<B>(case, device)?,
         other => return Ok(Outcome::Unsupported(other.to_owned())),
     };

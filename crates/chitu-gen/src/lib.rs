@@ -1,0 +1,30 @@
+//! The chitu Generator: Wan text-to-video pipelines as staged tasks, after Chitu's Generator API.
+//!
+//! A [`DiffusionBackend`] holds the loaded models (text encoder, a pool of one or two DiTs, the
+//! VAE, the scheduler config). A [`Generator`] advances a [`DiffusionTask`] one unit at a time with
+//! [`Generator::generate_step`]: text encoding, each denoise step, the VAE decode.
+
+mod backend;
+mod generator;
+mod params;
+
+pub use backend::DiffusionBackend;
+pub use generator::{seeded_noise, video_to_frames, DiffusionTask, Generator, Stage, StageTimings, TaskBuffer};
+pub use params::DiffusionUserParams;
+
+/// Errors of the generator.
+#[derive(Debug, thiserror::Error)]
+pub enum GenError {
+    /// A request field is invalid.
+    #[error("invalid request: {0}")]
+    Params(String),
+    /// A model folder could not be loaded.
+    #[error("loading the model: {0}")]
+    Load(String),
+    /// A stage failed.
+    #[error("{0}")]
+    Stage(String),
+    /// Latents became NaN or infinite.
+    #[error("NaN or Inf detected in {0}")]
+    NonFinite(String),
+}

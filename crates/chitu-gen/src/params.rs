@@ -1,0 +1,104 @@
+//! What a user asks for, validated before any work starts.
+
+use crate::GenError;
+use chitu_sched::SolverKind;
+
+/// One text-to-video request (Chitu's `DiffusionUserParams`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DiffusionUserParams {
+    pub prompt: String,
+    /// The unconditional prompt; empty by default, as in diffusers.
+    pub negative_prompt: String,
+    /// Seed of the initial noise.
+    pub seed: u64,
+    pub height: usize,
+    pub width: usize,
+    /// Must be `4k + 1`.
+    pub num_frames: usize,
+    pub num_inference_steps: usize,
+    /// Guidance of the (first) expert; classifier-free guidance runs when it is above 1.
+    pub guidance_scale: f64,
+    /// Guidance of the low-noise expert of a two-expert model; `guidance_scale` when unset.
+    pub guidance_scale_2: Option<f64>,
+    /// The solver; the model folder's scheduler config when unset.
+    pub solver: Option<SolverKind>,
+    /// The flow shift; the model folder's when unset.
+    pub shift: Option<f64>,
+    pub max_sequence_length: usize,
+}
+
+impl Default for DiffusionUserParams {
+    /// Wan2.1's defaults: 480x832, 81 frames, 50 steps, guidance 5.
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            seed: 0,
+            height: 480,
+            width: 832,
+            num_frames: 81,
+            num_inference_steps: 50,
+            guidance_scale: 5.0,
+            guidance_scale_2: None,
+            solver: None,
+            shift: None,
+            max_sequence_length: 512,
+        }
+    }
+}
+
+impl DiffusionUserParams {
+    /// A request for `prompt` with Wan2.1's defaults.
+    pub fn new(prompt: impl Into<String>) -> Self {
+        Self {
+            prompt: prompt.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Checks every field; the error names the first bad one.
+    pub fn validate(&self) -> Result<(), GenError> {
+        let bad = |m: String| Err(GenError::Params(m));
+        if self.height == 0 || self.width == 0 || !self.height.is_multiple_of(16) || !self.width.is_multiple_of(16) {
+            return bad(format!(
+                "height {} and width {} must be positive multiples of 16",
+                self.height, self.width
+            ));
+        }
+        if self.num_frames == 0 || !(self.num_frames - 1).is_multiple_of(4) {
+            return bad(format!("num_frames {} must be 4k+1 (1, 5, ..., 81)", self.num_frames));
+        }
+        if self.num_inference_steps == 0 {
+            return bad("num_inference_steps must be at least 1".into());
+        }
+        for (name, g) in [
+            ("guidance_scale", Some(self.guidance_scale)),
+            ("guidance_scale_2", self.guidance_scale_2),
+        ] {
+            if let Some(g) = g {
+                if !g.is_finite() || g < 0.0 {
+                    return bad(format!("{name} {g} must be finite and not negative"));
+                }
+            }
+        }
+        if let Some(s) = self.shift {
+            if !s.is_finite() || s <= 0.0 {
+                return bad(format!("shift {s} must be finite and positive"));
+            }
+        }
+        if self.max_sequence_length == 0 {
+            return bad("max_sequence_length must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// Whether classifier-free guidance runs (diffusers: `guidance_scale > 1`).
+    pub fn cfg(&self) -> bool {
+        self.guidance_scale > 1.0
+    }
+
+    /// The latent shape `[1, 16, (F - 1) / 4 + 1, H / 8, W / 8]` for a VAE of `z_dim` channels.
+    pub fn latent_shape(&self, z_dim: usize) -> [usize; 5] {
+        [1, z_dim, (self.num_frames - 1) / 4 + 1, self.height / 8, self.width / 8]
+    }
+}

@@ -1,0 +1,177 @@
+//! The Generator: request validation, stages and progress, seeded noise, NaN detection.
+
+use burn::tensor::Tensor;
+use chitu::gen::{seeded_noise, DiffusionBackend, DiffusionTask, DiffusionUserParams, GenError, Generator, Stage};
+use chitu::{default_device, DefaultBackend as B};
+use std::path::{Path, PathBuf};
+
+fn model(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/parity/models")
+        .join(name)
+}
+
+fn small(prompt: &str) -> DiffusionUserParams {
+    DiffusionUserParams {
+        prompt: prompt.into(),
+        height: 32,
+        width: 32,
+        num_frames: 5,
+        num_inference_steps: 3,
+        max_sequence_length: 16,
+        ..DiffusionUserParams::default()
+    }
+}
+
+fn invalid(p: DiffusionUserParams, needle: &str) {
+    match DiffusionTask::<B>::from_user_request(p) {
+        Err(GenError::Params(msg)) => assert!(msg.contains(needle), "{msg}"),
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("accepted a request with bad {needle}"),
+    }
+}
+
+#[test]
+fn every_validation_error_is_reported() {
+    invalid(
+        DiffusionUserParams {
+            height: 40,
+            ..small("x")
+        },
+        "multiples of 16",
+    );
+    invalid(DiffusionUserParams { width: 0, ..small("x") }, "multiples of 16");
+    invalid(
+        DiffusionUserParams {
+            num_frames: 6,
+            ..small("x")
+        },
+        "4k+1",
+    );
+    invalid(
+        DiffusionUserParams {
+            num_frames: 0,
+            ..small("x")
+        },
+        "4k+1",
+    );
+    invalid(
+        DiffusionUserParams {
+            num_inference_steps: 0,
+            ..small("x")
+        },
+        "num_inference_steps",
+    );
+    invalid(
+        DiffusionUserParams {
+            guidance_scale: -1.0,
+            ..small("x")
+        },
+        "guidance_scale",
+    );
+    invalid(
+        DiffusionUserParams {
+            guidance_scale_2: Some(f64::NAN),
+            ..small("x")
+        },
+        "guidance_scale_2",
+    );
+    invalid(
+        DiffusionUserParams {
+            shift: Some(0.0),
+            ..small("x")
+        },
+        "shift",
+    );
+    invalid(
+        DiffusionUserParams {
+            max_sequence_length: 0,
+            ..small("x")
+        },
+        "max_sequence_length",
+    );
+    assert!(DiffusionTask::<B>::from_user_request(small("x")).is_ok());
+}
+
+#[test]
+fn wan21_defaults_follow_the_model() {
+    let d = DiffusionUserParams::new("a cat");
+    assert_eq!(
+        (d.height, d.width, d.num_frames, d.num_inference_steps, d.guidance_scale),
+        (480, 832, 81, 50, 5.0)
+    );
+    assert_eq!(d.latent_shape(16), [1, 16, 21, 60, 104]);
+}
+
+#[test]
+fn stages_advance_one_unit_per_call_and_progress_rises_to_one() {
+    let dev = default_device();
+    let gen = Generator::new(DiffusionBackend::<B>::from_dir(model("wan21"), &dev).unwrap());
+    let mut task = DiffusionTask::<B>::from_user_request(small("A cat walking on grass")).unwrap();
+    let mut stages = vec![task.stage];
+    let mut progress = vec![gen.get_progress(&task)];
+    while !task.is_finished() {
+        gen.generate_step(&mut task).unwrap();
+        stages.push(task.stage);
+        progress.push(gen.get_progress(&task));
+    }
+    use Stage::*;
+    assert_eq!(stages, vec![TextEncode, Denoise, Denoise, Denoise, VaeDecode, Done]);
+    assert!(progress.windows(2).all(|w| w[0] < w[1]), "{progress:?}");
+    assert_eq!((progress[0], *progress.last().unwrap()), (0.0, 1.0));
+    assert_eq!(task.buffer.video.as_ref().unwrap().dims(), [1, 3, 5, 32, 32]);
+    // A finished task stays finished.
+    gen.generate_step(&mut task).unwrap();
+    assert!(task.is_finished());
+}
+
+#[test]
+fn a_seed_gives_the_same_video_and_another_seed_does_not() {
+    let dev = default_device();
+    let a = seeded_noise::<B>(7, [1, 16, 2, 4, 4], &dev);
+    let b = seeded_noise::<B>(7, [1, 16, 2, 4, 4], &dev);
+    let c = seeded_noise::<B>(8, [1, 16, 2, 4, 4], &dev);
+    a.clone().into_data().assert_eq(&b.into_data(), true);
+    let diff: f32 = (a.clone() - c).abs().max().into_scalar();
+    assert!(diff > 0.0);
+    let mean: f32 = seeded_noise::<B>(1, [1, 16, 8, 16, 16], &dev).mean().into_scalar();
+    assert!(mean.abs() < 0.05, "not standard normal: mean {mean}");
+}
+
+#[test]
+fn nan_latents_are_caught_with_the_step() {
+    let dev = default_device();
+    let gen = Generator::new(DiffusionBackend::<B>::from_dir(model("wan21"), &dev).unwrap());
+    let nan = Tensor::<B, 5>::full([1, 16, 2, 4, 4], f32::NAN, &dev);
+    let task = DiffusionTask::<B>::from_user_request(small("x"))
+        .unwrap()
+        .with_initial_latents(nan);
+    let e = gen.generate(task).err().unwrap().to_string();
+    assert!(e.contains("NaN") && e.contains("step 0"), "{e}");
+    // Wrong initial latent shape is a request error.
+    let task = DiffusionTask::<B>::from_user_request(small("x"))
+        .unwrap()
+        .with_initial_latents(Tensor::zeros([1, 16, 3, 4, 4], &dev));
+    assert!(matches!(gen.generate(task), Err(GenError::Params(_))));
+}
+
+#[test]
+fn the_two_expert_model_loads_both_experts() {
+    let backend = DiffusionBackend::<B>::from_dir(model("wan22"), &default_device()).unwrap();
+    assert_eq!(backend.model_pool.len(), 2);
+    assert_eq!(backend.boundary_ratio, Some(0.875));
+    let e = DiffusionBackend::<B>::from_dir(model("nonexistent"), &default_device())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("model_index.json"), "{e}");
+}
+
+#[test]
+fn pipeline_cases_match_diffusers() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity");
+    for name in ["pipeline_t2v_wan21", "pipeline_t2v_wan22"] {
+        let report = chitu::parity::run_case::<B>(&root, name, &default_device());
+        assert!(report.passed(), "{report}");
+    }
+}
