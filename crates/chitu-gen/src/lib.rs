@@ -6,11 +6,14 @@
 
 mod backend;
 mod generator;
+pub mod output;
 mod params;
+mod tiny;
 
 pub use backend::DiffusionBackend;
 pub use generator::{seeded_noise, video_to_frames, DiffusionTask, Generator, Stage, StageTimings, TaskBuffer};
 pub use params::DiffusionUserParams;
+pub use tiny::TINY_WEIGHT_SEED;
 
 /// Errors of the generator.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +27,9 @@ pub enum GenError {
     /// A stage failed.
     #[error("{0}")]
     Stage(String),
+    /// A file could not be written.
+    #[error("writing output: {0}")]
+    Output(String),
     /// Latents became NaN or infinite.
     #[error("NaN or Inf detected in {0}")]
     NonFinite(String),

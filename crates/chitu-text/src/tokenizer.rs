@@ -53,15 +53,28 @@ impl T5Tokenizer {
             return Err(TextError::Tokenizer(format!("{} does not exist", path.display())));
         }
         let inner = Tokenizer::from_file(path).map_err(|e| TextError::Tokenizer(format!("{}: {e}", path.display())))?;
+        Self::from_tokenizer(inner).map_err(|e| TextError::Tokenizer(format!("{}: {e}", path.display())))
+    }
+
+    /// Loads a `tokenizer.json` held in memory (for embedded models).
+    pub fn from_json_bytes(bytes: &[u8]) -> Result<Self, TextError> {
+        let inner = Tokenizer::from_bytes(bytes).map_err(|e| TextError::Tokenizer(e.to_string()))?;
+        Self::from_tokenizer(inner).map_err(TextError::Tokenizer)
+    }
+
+    fn from_tokenizer(inner: Tokenizer) -> Result<Self, String> {
         let pad_token = "<pad>".to_string();
-        let pad_id = inner
-            .token_to_id(&pad_token)
-            .ok_or_else(|| TextError::Tokenizer(format!("{}: no <pad> token", path.display())))?;
+        let pad_id = inner.token_to_id(&pad_token).ok_or("no <pad> token")?;
         Ok(Self {
             inner,
             pad_id,
             pad_token,
         })
+    }
+
+    /// Size of the vocabulary, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
     }
 
     /// Cleans each prompt, tokenizes with the closing `</s>`, truncates to `max_len` (keeping

@@ -1,0 +1,155 @@
+//! `chitu generate`: text to video with a Wan model folder, or with the embedded tiny model.
+
+use chitu::gen::output::{output_stem, sidecar, write_contact_sheet, write_frame_pngs, write_mp4, RgbFrames};
+use chitu::gen::{video_to_frames, DiffusionBackend, DiffusionTask, DiffusionUserParams, Generator, Stage};
+use chitu::sched::SolverKind;
+use chitu::{default_device, DefaultBackend as B};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "chitu", version, about = "Wan text-to-video inference in Rust")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a video from a prompt.
+    Generate(GenerateArgs),
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value = "")]
+    negative_prompt: String,
+    /// A diffusers-layout Wan2.1/2.2 folder; the embedded tiny model when omitted.
+    #[arg(long)]
+    model_dir: Option<PathBuf>,
+    #[arg(long)]
+    steps: Option<usize>,
+    #[arg(long)]
+    height: Option<usize>,
+    #[arg(long)]
+    width: Option<usize>,
+    /// Frame count, 4k+1.
+    #[arg(long)]
+    frames: Option<usize>,
+    #[arg(long)]
+    guidance: Option<f64>,
+    /// Guidance of the low-noise expert (Wan2.2-A14B).
+    #[arg(long)]
+    guidance_2: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// unipc, dpm++ or euler; the folder's scheduler when omitted.
+    #[arg(long)]
+    solver: Option<String>,
+    #[arg(long)]
+    shift: Option<f64>,
+    #[arg(long)]
+    max_sequence_length: Option<usize>,
+    /// Folder for the outputs.
+    #[arg(long, default_value = "out")]
+    out: PathBuf,
+    /// Also write one PNG per frame.
+    #[arg(long)]
+    png_frames: bool,
+}
+
+fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let device = default_device();
+    let (backend, mut params, model_name) = match &args.model_dir {
+        Some(dir) => (
+            DiffusionBackend::<B>::from_dir(dir, &device)?,
+            DiffusionUserParams::new(args.prompt.clone()),
+            dir.display().to_string(),
+        ),
+        None => {
+            eprintln!(
+                "no --model-dir: using the embedded tiny model (random weights: it shows the pipeline, not quality)"
+            );
+            (
+                DiffusionBackend::<B>::embedded_tiny(&device)?,
+                DiffusionUserParams::tiny(args.prompt.clone()),
+                "embedded-tiny".into(),
+            )
+        }
+    };
+    params.negative_prompt = args.negative_prompt.clone();
+    params.seed = args.seed;
+    params.height = args.height.unwrap_or(params.height);
+    params.width = args.width.unwrap_or(params.width);
+    params.num_frames = args.frames.unwrap_or(params.num_frames);
+    params.num_inference_steps = args.steps.unwrap_or(params.num_inference_steps);
+    params.guidance_scale = args.guidance.unwrap_or(params.guidance_scale);
+    params.guidance_scale_2 = args.guidance_2.or(params.guidance_scale_2);
+    params.solver = args.solver.as_deref().map(str::parse::<SolverKind>).transpose()?;
+    params.shift = args.shift.or(params.shift);
+    params.max_sequence_length = args.max_sequence_length.unwrap_or(params.max_sequence_length);
+
+    let generator = Generator::new(backend);
+    let mut task = DiffusionTask::<B>::from_user_request(params.clone())?;
+    let bar = ProgressBar::new(params.num_inference_steps as u64);
+    bar.set_style(ProgressStyle::with_template(
+        "{msg:>10} [{bar:40}] {pos}/{len} steps {elapsed_precise}",
+    )?);
+    while !task.is_finished() {
+        bar.set_message(match task.stage {
+            Stage::TextEncode => "text",
+            Stage::Denoise => "denoise",
+            Stage::VaeDecode => "decode",
+            Stage::Done => "done",
+        });
+        generator.generate_step(&mut task)?;
+        bar.set_position(task.buffer.current_step as u64);
+    }
+    bar.finish_with_message("done");
+    let t = task.buffer.timings;
+    eprintln!(
+        "text {:.2}s, denoise {:.2}s, vae decode {:.2}s",
+        t.text_encode, t.denoise, t.vae_decode
+    );
+
+    let video = task.buffer.video.take().ok_or("no video decoded")?;
+    let frames = RgbFrames::from_tensor(video_to_frames(video))?;
+    std::fs::create_dir_all(&args.out)?;
+    let stem = output_stem(&params.prompt, params.seed, params.num_inference_steps);
+    let mp4 = args.out.join(format!("{stem}.mp4"));
+    let sheet = args.out.join(format!("{stem}.png"));
+    write_mp4(&mp4, &frames)?;
+    write_contact_sheet(&sheet, &frames)?;
+    let mut files = vec![mp4, sheet];
+    if args.png_frames {
+        files.extend(write_frame_pngs(&args.out, &stem, &frames)?);
+    }
+    let json = args.out.join(format!("{stem}.json"));
+    std::fs::write(
+        &json,
+        serde_json::to_string_pretty(&sidecar(&params, &t, &model_name, &files))?,
+    )?;
+    files.push(json);
+    for f in files {
+        println!("{}", f.display());
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
