@@ -51,6 +51,8 @@ pub struct DiffusionTask<B: Backend> {
     pub stage: Stage,
     pub buffer: TaskBuffer<B>,
     initial_latents: Option<Tensor<B, 5>>,
+    /// Pins the pool model and guidance (stage plans); the timestep boundary decides otherwise.
+    pub(crate) expert_override: Option<(usize, f64)>,
 }
 
 impl<B: Backend> DiffusionTask<B> {
@@ -62,6 +64,7 @@ impl<B: Backend> DiffusionTask<B> {
             stage: Stage::TextEncode,
             buffer: TaskBuffer::default(),
             initial_latents: None,
+            expert_override: None,
         })
     }
 
@@ -122,7 +125,7 @@ impl<B: Backend> Generator<B> {
 
     /// Builds the task's scheduler: the folder's config, or the requested solver, with the
     /// requested shift.
-    fn scheduler(&self, params: &DiffusionUserParams) -> Result<Box<dyn Scheduler<B>>, GenError> {
+    pub(crate) fn scheduler(&self, params: &DiffusionUserParams) -> Result<Box<dyn Scheduler<B>>, GenError> {
         let cfg = &self.backend.scheduler_config;
         let err = |e: chitu_sched::SchedError| GenError::Stage(format!("scheduler: {e}"));
         let mut sched = match params.solver {
@@ -174,8 +177,12 @@ impl<B: Backend> Generator<B> {
             .ok_or_else(|| GenError::Stage("denoise before text encode".into()))?;
         let step = buf.current_step;
         let t = sched.timesteps()[step];
-        let (expert, guidance) = self.expert(t, &task.params);
-        let model = &self.backend.model_pool[expert];
+        let (expert, guidance) = task.expert_override.unwrap_or_else(|| self.expert(t, &task.params));
+        let model = self
+            .backend
+            .model_pool
+            .get(expert)
+            .ok_or_else(|| GenError::Params(format!("the model pool has no model {expert}")))?;
         let latents = buf.latents.take().ok_or_else(|| GenError::Stage("no latents".into()))?;
         let cond = buf
             .cond

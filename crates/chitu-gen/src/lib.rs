@@ -8,11 +8,15 @@ mod backend;
 mod generator;
 pub mod output;
 mod params;
+mod plan;
+mod pool;
 mod tiny;
 
 pub use backend::DiffusionBackend;
 pub use generator::{seeded_noise, video_to_frames, DiffusionTask, Generator, Stage, StageTimings, TaskBuffer};
 pub use params::DiffusionUserParams;
+pub use plan::{PlanOutput, PlanStage};
+pub use pool::{TaskId, TaskPool};
 pub use tiny::TINY_WEIGHT_SEED;
 
 /// Errors of the generator.
