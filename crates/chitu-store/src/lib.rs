@@ -115,11 +115,12 @@ pub struct LoadReport {
 pub fn load_strict<B: Backend, M: Module<B>>(
     module: M,
     files: &[PathBuf],
-    remap: &[(&str, &str)],
+    remap: &[(impl AsRef<str>, impl AsRef<str>)],
     label: &str,
 ) -> Result<(M, LoadReport), LoadError> {
+    let pairs: Vec<(&str, &str)> = remap.iter().map(|(a, b)| (a.as_ref(), b.as_ref())).collect();
     let remapper =
-        KeyRemapper::from_patterns(remap.to_vec()).map_err(|e| LoadError::Mismatch(format!("bad remap table: {e}")))?;
+        KeyRemapper::from_patterns(pairs).map_err(|e| LoadError::Mismatch(format!("bad remap table: {e}")))?;
     let mut module = module;
     // A tensor is missing when no file supplied it; burn-store reports misses per file, in the
     // module's own path spelling (which, unlike checkpoint keys, includes enum variant names).

@@ -10,17 +10,70 @@ use std::path::{Path, PathBuf};
 pub enum VaeLayout {
     /// diffusers' `AutoencoderKLWan` keys (`decoder.up_blocks.0.resnets.0.conv1.weight`, ...).
     Diffusers,
+    /// Wan's own `Wan2.1_VAE.pth` keys (`decoder.upsamples.4.residual.2.weight`, `conv1.weight`, ...).
+    Wan,
 }
 
 /// diffusers names → module paths: the per-frame conv of a resampler sits at index 1 of a
 /// `Sequential` (after the padding or upsampling layer).
 const DIFFUSERS_REMAP: &[(&str, &str)] = &[(r"\.resample\.1\.", ".resample.")];
 
+/// Wan names → module paths that do not depend on the config. Wan's residual blocks are a
+/// `Sequential` (norm at 0, conv at 2, norm at 3, conv at 6); its middle is [res, attn, res].
+const WAN_REMAP: &[(&str, &str)] = &[
+    (r"^encoder\.conv1\.", "encoder.conv_in."),
+    (r"^decoder\.conv1\.", "decoder.conv_in."),
+    (r"^conv1\.", "quant_conv."),
+    (r"^conv2\.", "post_quant_conv."),
+    (r"^(encoder|decoder)\.middle\.0\.", "$1.mid_block.resnets.0."),
+    (r"^(encoder|decoder)\.middle\.1\.", "$1.mid_block.attentions.0."),
+    (r"^(encoder|decoder)\.middle\.2\.", "$1.mid_block.resnets.1."),
+    (r"^(encoder|decoder)\.head\.0\.", "$1.norm_out."),
+    (r"^(encoder|decoder)\.head\.2\.", "$1.conv_out."),
+    (r"^encoder\.downsamples\.", "encoder.down_blocks."),
+    (r"\.residual\.0\.", ".norm1."),
+    (r"\.residual\.2\.", ".conv1."),
+    (r"\.residual\.3\.", ".norm2."),
+    (r"\.residual\.6\.", ".conv2."),
+    (r"\.shortcut\.", ".conv_shortcut."),
+    (r"\.resample\.1\.", ".resample."),
+];
+
 impl VaeLayout {
-    /// The remap table of this layout.
-    pub fn remap_table(self) -> &'static [(&'static str, &'static str)] {
+    /// The remap table of this layout for a VAE of shape `config`. Wan's decoder keeps its up
+    /// blocks as one flat list, so where each entry lands depends on the number of stages and
+    /// residual blocks.
+    pub fn remap_table(self, config: &WanVaeConfig) -> Vec<(String, String)> {
+        let own = |t: &[(&str, &str)]| {
+            t.iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect::<Vec<_>>()
+        };
         match self {
-            Self::Diffusers => DIFFUSERS_REMAP,
+            Self::Diffusers => own(DIFFUSERS_REMAP),
+            Self::Wan => {
+                let mut table = Vec::new();
+                let mut flat = 0;
+                let stages = config.dim_mult.len();
+                for block in 0..stages {
+                    for res in 0..=config.num_res_blocks {
+                        table.push((
+                            format!(r"^decoder\.upsamples\.{flat}\."),
+                            format!("decoder.up_blocks.{block}.resnets.{res}."),
+                        ));
+                        flat += 1;
+                    }
+                    if block + 1 != stages {
+                        table.push((
+                            format!(r"^decoder\.upsamples\.{flat}\."),
+                            format!("decoder.up_blocks.{block}.upsamplers.0."),
+                        ));
+                        flat += 1;
+                    }
+                }
+                table.extend(own(WAN_REMAP));
+                table
+            }
         }
     }
 }
@@ -28,7 +81,8 @@ impl VaeLayout {
 impl<B: Backend> WanVae<B> {
     /// Loads weights in the given layout.
     pub fn load_weights(self, files: &[PathBuf], layout: VaeLayout) -> Result<Self, VaeError> {
-        load_strict(self, files, layout.remap_table(), &format!("{layout:?} VAE"))
+        let table = layout.remap_table(&self.config);
+        load_strict(self, files, &table, &format!("{layout:?} VAE"))
             .map(|(m, _)| m)
             .map_err(|e| VaeError::Weights(e.to_string()))
     }
@@ -44,5 +98,15 @@ impl<B: Backend> WanVae<B> {
             WanVaeConfig::from_json(&json).map_err(|e| VaeError::Config(format!("{}: {e}", path.display())))?;
         let files = weight_files(dir, "diffusion_pytorch_model").map_err(|e| VaeError::Weights(e.to_string()))?;
         Self::new(config, device)?.load_weights(&files, VaeLayout::Diffusers)
+    }
+
+    /// Loads Wan's own VAE checkpoint (`Wan2.1_VAE.pth`, or the same keys in safetensors) for a
+    /// VAE of shape `config` (`WanVaeConfig::default()` for Wan2.1 and Wan2.2-A14B).
+    pub fn from_wan_checkpoint(
+        path: impl AsRef<Path>,
+        config: WanVaeConfig,
+        device: &B::Device,
+    ) -> Result<Self, VaeError> {
+        Self::new(config, device)?.load_weights(&[path.as_ref().to_owned()], VaeLayout::Wan)
     }
 }
