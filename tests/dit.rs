@@ -22,8 +22,8 @@ fn reference(case: &Case) -> Vec<f32> {
     case.tensor("output").unwrap().as_f32("output").unwrap().to_vec()
 }
 
-/// Runs the fixture inputs through an already built model.
-fn run(model: &WanTransformer<B>, case: &Case) -> Vec<f32> {
+/// The fixture's latents, text states and timesteps on the default device.
+fn inputs(case: &Case) -> (Tensor<B, 5>, Tensor<B, 3>, Vec<f64>) {
     let dev = default_device();
     let x = case
         .tensor("hidden_states")
@@ -35,7 +35,7 @@ fn run(model: &WanTransformer<B>, case: &Case) -> Vec<f32> {
         .unwrap()
         .to_backend::<B, 3>("c", &dev)
         .unwrap();
-    let t: Vec<f64> = case
+    let t = case
         .tensor("timestep")
         .unwrap()
         .as_f32("t")
@@ -43,6 +43,12 @@ fn run(model: &WanTransformer<B>, case: &Case) -> Vec<f32> {
         .iter()
         .map(|&v| v as f64)
         .collect();
+    (x, ctx, t)
+}
+
+/// Runs the fixture inputs through an already built model.
+fn run(model: &WanTransformer<B>, case: &Case) -> Vec<f32> {
+    let (x, ctx, t) = inputs(case);
     let out = model.forward(x, &t, ctx).unwrap();
     HostTensor::from_backend(out).unwrap().as_f32("o").unwrap().to_vec()
 }
@@ -92,24 +98,7 @@ fn pieces_compose_to_the_full_forward_exactly() {
     let case = case();
     let dev = default_device();
     let model = WanTransformer::<B>::from_dir(fixtures().join("models/wan21/transformer"), &dev).unwrap();
-    let x = case
-        .tensor("hidden_states")
-        .unwrap()
-        .to_backend::<B, 5>("x", &dev)
-        .unwrap();
-    let ctx = case
-        .tensor("encoder_hidden_states")
-        .unwrap()
-        .to_backend::<B, 3>("c", &dev)
-        .unwrap();
-    let t: Vec<f64> = case
-        .tensor("timestep")
-        .unwrap()
-        .as_f32("t")
-        .unwrap()
-        .iter()
-        .map(|&v| v as f64)
-        .collect();
+    let (x, ctx, t) = inputs(&case);
     let full = model.forward(x.clone(), &t, ctx.clone()).unwrap();
     let n = model.blocks.len();
     for k in 0..=n {
@@ -138,16 +127,7 @@ fn rows_are_independent_with_their_own_timesteps() {
     let case = case();
     let dev = default_device();
     let model = WanTransformer::<B>::from_dir(fixtures().join("models/wan21/transformer"), &dev).unwrap();
-    let x = case
-        .tensor("hidden_states")
-        .unwrap()
-        .to_backend::<B, 5>("x", &dev)
-        .unwrap();
-    let ctx = case
-        .tensor("encoder_hidden_states")
-        .unwrap()
-        .to_backend::<B, 3>("c", &dev)
-        .unwrap();
+    let (x, ctx, _) = inputs(&case);
     let t = [900.0, 250.0];
     let both = model.forward(x.clone(), &t, ctx.clone()).unwrap();
     for row in 0..2 {

@@ -2,7 +2,7 @@
 //! with `algorithm_type="dpmsolver++"`, `prediction_type="flow_prediction"` and `use_flow_sigmas=True`.
 
 use crate::config::{DpmSolverConfig, FinalSigmas};
-use crate::math::{f32_round, flow_alpha_sigma, flow_sigmas, lambda};
+use crate::math::{flow_alpha_sigma, flow_sigmas, lambda};
 use crate::{SchedError, Schedule, Scheduler};
 use burn::tensor::{backend::Backend, Tensor};
 
@@ -77,28 +77,10 @@ impl<B: Backend, const D: usize> Scheduler<B, D> for DpmSolverScheduler<B, D> {
     }
 
     fn set_timesteps(&mut self, n: usize) -> Result<(), SchedError> {
-        if n == 0 {
-            return Err(SchedError::Invalid {
-                class: CLASS,
-                option: "num_inference_steps",
-                reason: "must be at least 1".into(),
-            });
-        }
+        Schedule::check_steps(CLASS, n)?;
         let t = self.config.num_train_timesteps;
-        let sigmas64 = flow_sigmas(n, t, self.config.flow_shift);
-        let timesteps = sigmas64.iter().map(|s| (s * t as f64).trunc()).collect();
         // `validate` only admits a zero final sigma.
-        let sigmas = sigmas64
-            .iter()
-            .chain(std::iter::once(&0.0))
-            .map(|&s| f32_round(s))
-            .collect();
-        self.schedule = Schedule {
-            timesteps,
-            sigmas,
-            step_index: 0,
-            ready: true,
-        };
+        self.schedule = Schedule::from_flow_sigmas(&flow_sigmas(n, t, self.config.flow_shift), 0.0, t);
         self.reset();
         Ok(())
     }

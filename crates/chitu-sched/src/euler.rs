@@ -47,13 +47,7 @@ impl<B: Backend, const D: usize> Scheduler<B, D> for FlowMatchEulerScheduler<B, 
     }
 
     fn set_timesteps(&mut self, n: usize) -> Result<(), SchedError> {
-        if n == 0 {
-            return Err(SchedError::Invalid {
-                class: CLASS,
-                option: "num_inference_steps",
-                reason: "must be at least 1".into(),
-            });
-        }
+        Schedule::check_steps(CLASS, n)?;
         let t = self.config.num_train_timesteps as f64;
         // diffusers spaces the already-shifted ends linearly and then shifts again: the shift is
         // applied twice. This is its actual behaviour, reproduced on purpose.

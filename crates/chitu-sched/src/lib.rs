@@ -213,6 +213,37 @@ pub(crate) struct Schedule {
 }
 
 impl Schedule {
+    /// Refuses an empty schedule.
+    pub fn check_steps(class: &'static str, n: usize) -> Result<(), SchedError> {
+        if n == 0 {
+            return Err(SchedError::Invalid {
+                class,
+                option: "num_inference_steps",
+                reason: "must be at least 1".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The schedule UniPC and DPM-Solver build from f64 flow sigmas: timesteps `sigma * T`
+    /// truncated to integers (diffusers casts to int64), sigmas rounded to float32 with `last`
+    /// appended.
+    pub fn from_flow_sigmas(sigmas64: &[f64], last: f64, num_train_timesteps: usize) -> Self {
+        Self {
+            timesteps: sigmas64
+                .iter()
+                .map(|s| (s * num_train_timesteps as f64).trunc())
+                .collect(),
+            sigmas: sigmas64
+                .iter()
+                .chain(std::iter::once(&last))
+                .map(|&s| math::f32_round(s))
+                .collect(),
+            step_index: 0,
+            ready: true,
+        }
+    }
+
     /// Validates the call and returns the index of the step about to run.
     pub fn begin_step(&self, class: &'static str, timestep: f64) -> Result<usize, SchedError> {
         if !self.ready {

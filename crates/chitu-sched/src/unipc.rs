@@ -2,7 +2,7 @@
 //! `UniPCMultistepScheduler` with `prediction_type="flow_prediction"` and `use_flow_sigmas=True`.
 
 use crate::config::{FinalSigmas, UniPcConfig};
-use crate::math::{f32_round, flow_alpha_sigma, lambda, solve, unipc_flow_sigmas};
+use crate::math::{flow_alpha_sigma, lambda, solve, unipc_flow_sigmas};
 use crate::{SchedError, Schedule, Scheduler};
 use burn::tensor::{backend::Backend, Tensor};
 
@@ -175,32 +175,14 @@ impl<B: Backend, const D: usize> Scheduler<B, D> for UniPcScheduler<B, D> {
     }
 
     fn set_timesteps(&mut self, n: usize) -> Result<(), SchedError> {
-        if n == 0 {
-            return Err(SchedError::Invalid {
-                class: CLASS,
-                option: "num_inference_steps",
-                reason: "must be at least 1".into(),
-            });
-        }
+        Schedule::check_steps(CLASS, n)?;
         let t = self.config.num_train_timesteps;
         let sigmas64 = unipc_flow_sigmas(n, t, self.config.flow_shift, self.config.shift_terminal);
-        // diffusers casts `sigma * T` (float64) to int64, truncating toward zero.
-        let timesteps = sigmas64.iter().map(|s| (s * t as f64).trunc()).collect();
         let last = match self.config.final_sigmas_type {
             FinalSigmas::Zero => 0.0,
             FinalSigmas::SigmaMin => sigmas64[n - 1],
         };
-        let sigmas = sigmas64
-            .iter()
-            .chain(std::iter::once(&last))
-            .map(|&s| f32_round(s))
-            .collect();
-        self.schedule = Schedule {
-            timesteps,
-            sigmas,
-            step_index: 0,
-            ready: true,
-        };
+        self.schedule = Schedule::from_flow_sigmas(&sigmas64, last, t);
         self.reset();
         Ok(())
     }
