@@ -175,3 +175,35 @@ fn pipeline_cases_match_diffusers() {
         assert!(report.passed(), "{report}");
     }
 }
+
+#[test]
+fn low_mem_level_one_decodes_in_tiles() {
+    let dev = default_device();
+    let gen = Generator::new(DiffusionBackend::<B>::from_dir(model("wan21"), &dev).unwrap());
+    // 288 pixels wide: more than one 256-pixel tile.
+    let params = DiffusionUserParams {
+        width: 288,
+        num_inference_steps: 1,
+        ..small("x")
+    };
+    let plain = gen
+        .generate(DiffusionTask::<B>::from_user_request(params.clone()).unwrap())
+        .unwrap();
+    let low = DiffusionUserParams { low_mem: 1, ..params };
+    let tiled = gen
+        .generate(DiffusionTask::<B>::from_user_request(low).unwrap())
+        .unwrap();
+    let latents = plain.buffer.latents.clone().unwrap();
+    tiled
+        .buffer
+        .video
+        .clone()
+        .unwrap()
+        .into_data()
+        .assert_eq(&gen.decode_vae_tiled(latents).unwrap().into_data(), true);
+    let diff: f32 = (plain.buffer.video.unwrap() - tiled.buffer.video.unwrap())
+        .abs()
+        .max()
+        .into_scalar();
+    assert!(diff > 0.0, "a 288-pixel-wide decode must actually tile");
+}

@@ -54,6 +54,9 @@ struct GenerateArgs {
     shift: Option<f64>,
     #[arg(long)]
     max_sequence_length: Option<usize>,
+    /// Memory saving level: 1 decodes the VAE in tiles.
+    #[arg(long, default_value_t = 0)]
+    low_mem: u8,
     /// Folder for the outputs.
     #[arg(long, default_value = "out")]
     out: PathBuf,
@@ -92,6 +95,7 @@ fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
     params.solver = args.solver.as_deref().map(str::parse::<SolverKind>).transpose()?;
     params.shift = args.shift.or(params.shift);
     params.max_sequence_length = args.max_sequence_length.unwrap_or(params.max_sequence_length);
+    params.low_mem = args.low_mem;
 
     let generator = Generator::new(backend);
     let mut task = DiffusionTask::<B>::from_user_request(params.clone())?;

@@ -248,7 +248,11 @@ impl<B: Backend> Generator<B> {
                     .latents
                     .clone()
                     .ok_or_else(|| GenError::Stage("no latents".into()))?;
-                task.buffer.video = Some(self.decode_vae(latents)?);
+                task.buffer.video = Some(if task.params.low_mem >= 1 {
+                    self.decode_vae_tiled(latents)?
+                } else {
+                    self.decode_vae(latents)?
+                });
                 task.buffer.timings.vae_decode += t0.elapsed().as_secs_f64();
                 task.stage = Stage::Done;
             }
@@ -297,6 +301,14 @@ impl<B: Backend> Generator<B> {
     pub fn decode_vae(&self, latents: Tensor<B, 5>) -> Result<Tensor<B, 5>, GenError> {
         let vae = &self.backend.vae;
         vae.decode(vae.denormalize(latents))
+            .map_err(|e| GenError::Stage(format!("VAE decode: {e}")))
+    }
+
+    /// [`Generator::decode_vae`] in spatial tiles (diffusers' default 256-pixel tiles, stride 192),
+    /// bounding decode memory to about one row of tiles.
+    pub fn decode_vae_tiled(&self, latents: Tensor<B, 5>) -> Result<Tensor<B, 5>, GenError> {
+        let vae = &self.backend.vae;
+        vae.decode_tiled(vae.denormalize(latents), chitu_vae::TileConfig::default())
             .map_err(|e| GenError::Stage(format!("VAE decode: {e}")))
     }
 

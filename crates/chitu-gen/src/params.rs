@@ -25,6 +25,9 @@ pub struct DiffusionUserParams {
     /// The flow shift; the model folder's when unset.
     pub shift: Option<f64>,
     pub max_sequence_length: usize,
+    /// Memory saving: 0 off, 1 tiled VAE decode. Levels 2 (text encoder on the CPU) and 3 (only
+    /// the active expert on the device) are refused until CPU offload exists.
+    pub low_mem: u8,
 }
 
 impl Default for DiffusionUserParams {
@@ -43,6 +46,7 @@ impl Default for DiffusionUserParams {
             solver: None,
             shift: None,
             max_sequence_length: 512,
+            low_mem: 0,
         }
     }
 }
@@ -85,6 +89,12 @@ impl DiffusionUserParams {
             if !s.is_finite() || s <= 0.0 {
                 return bad(format!("shift {s} must be finite and positive"));
             }
+        }
+        if self.low_mem > 1 {
+            return bad(format!(
+                "low_mem level {} is not available yet: only 1 (tiled VAE decode); CPU offload (levels 2 and 3) is not implemented",
+                self.low_mem
+            ));
         }
         if self.max_sequence_length == 0 {
             return bad("max_sequence_length must be at least 1".into());
