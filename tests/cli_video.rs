@@ -47,24 +47,22 @@ fn decode_mp4(path: &Path) -> (usize, usize, usize) {
     (decoded, w, h)
 }
 
+/// Runs `chitu generate` with `args`, writing into `out`.
+fn generate(args: &[&str], out: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_chitu"))
+        .arg("generate")
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn generate_on_the_embedded_model_writes_a_playable_video() {
     let out = tempfile::tempdir().unwrap();
-    let run = Command::new(env!("CARGO_BIN_EXE_chitu"))
-        .args([
-            "generate",
-            "--prompt",
-            "A cat walking on grass",
-            "--seed",
-            "3",
-            "--steps",
-            "4",
-            "--png-frames",
-        ])
-        .arg("--out")
-        .arg(out.path())
-        .output()
-        .unwrap();
+    let args = ["--prompt", "A cat walking on grass", "--seed", "3", "--steps", "4"];
+    let run = generate(&[&args[..], &["--png-frames"]].concat(), out.path());
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let stem = "a_cat_walking_on_grass_seed3_step4";
     let printed = String::from_utf8_lossy(&run.stdout);
@@ -83,20 +81,7 @@ fn generate_on_the_embedded_model_writes_a_playable_video() {
 
     // The same seed gives the same video bytes.
     let again = tempfile::tempdir().unwrap();
-    let run2 = Command::new(env!("CARGO_BIN_EXE_chitu"))
-        .args([
-            "generate",
-            "--prompt",
-            "A cat walking on grass",
-            "--seed",
-            "3",
-            "--steps",
-            "4",
-            "--out",
-        ])
-        .arg(again.path())
-        .output()
-        .unwrap();
+    let run2 = generate(&args, again.path());
     assert!(run2.status.success());
     assert_eq!(
         std::fs::read(out.path().join(format!("{stem}.mp4"))).unwrap(),
@@ -113,11 +98,7 @@ fn bad_requests_fail_before_work_with_a_message() {
         ("--steps", "0", "steps"),
         ("--solver", "heun", "solver"),
     ] {
-        let run = Command::new(env!("CARGO_BIN_EXE_chitu"))
-            .args(["generate", "--prompt", "x", flag, value, "--out"])
-            .arg(out.path())
-            .output()
-            .unwrap();
+        let run = generate(&["--prompt", "x", flag, value], out.path());
         assert!(!run.status.success());
         let err = String::from_utf8_lossy(&run.stderr);
         assert!(err.contains(needle), "{flag} {value}: {err}");
