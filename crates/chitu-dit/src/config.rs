@@ -107,11 +107,17 @@ impl WanDitConfig {
     /// Reads a `config.json` in either dialect: diffusers' (`_class_name: WanTransformer3DModel`,
     /// `num_attention_heads`, `attention_head_dim`) or Wan's own (`dim`, `num_heads`, `in_dim`, ...).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, DitError> {
-        let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| DitError::Io(path.display().to_string(), e))?;
-        let value: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| DitError::Config(format!("{}: {e}", path.display())))?;
-        Self::from_json(&value).map_err(|e| DitError::Config(format!("{}: {e}", path.display())))
+        Ok(Self::read(path.as_ref())?.0)
+    }
+
+    /// The parsed config and the raw JSON (whose dialect also names the checkpoint layout).
+    pub(crate) fn read(path: &Path) -> Result<(Self, serde_json::Value), DitError> {
+        let json = chitu_store::read_json(path).map_err(|e| match e {
+            chitu_store::LoadError::Io(p, e) => DitError::Io(p, e),
+            other => DitError::Config(other.to_string()),
+        })?;
+        let config = Self::from_json(&json).map_err(|e| DitError::Config(format!("{}: {e}", path.display())))?;
+        Ok((config, json))
     }
 
     /// Parses either config dialect (see [`WanDitConfig::from_file`]).

@@ -76,13 +76,7 @@ impl<B: Backend> WanTransformer<B> {
     /// shards with an index. The layout is taken from the config's dialect.
     pub fn from_dir(dir: impl AsRef<Path>, device: &B::Device) -> Result<Self, DitError> {
         let dir = dir.as_ref();
-        let config_path = dir.join("config.json");
-        let text =
-            std::fs::read_to_string(&config_path).map_err(|e| DitError::Io(config_path.display().to_string(), e))?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| DitError::Config(format!("{}: {e}", config_path.display())))?;
-        let config =
-            WanDitConfig::from_json(&json).map_err(|e| DitError::Config(format!("{}: {e}", config_path.display())))?;
+        let (config, json) = WanDitConfig::read(&dir.join("config.json"))?;
         let layout = CheckpointLayout::of_config(&json);
         let files = weight_files(dir, "diffusion_pytorch_model").map_err(|e| DitError::Weights(e.to_string()))?;
         let (model, _) = Self::new(config, device)?.load_weights(&files, layout)?;

@@ -21,9 +21,7 @@ pub struct DiffusionBackend<B: Backend> {
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value, GenError> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| GenError::Load(format!("cannot read {}: {e}", path.display())))?;
-    serde_json::from_str(&text).map_err(|e| GenError::Load(format!("{}: invalid JSON: {e}", path.display())))
+    chitu_store::read_json(path).map_err(|e| GenError::Load(e.to_string()))
 }
 
 impl<B: Backend> DiffusionBackend<B> {

@@ -281,7 +281,6 @@ impl<B: Backend> Generator<B> {
         uncond: Option<Tensor<B, 3>>,
         params: &DiffusionUserParams,
     ) -> Result<Tensor<B, 5>, GenError> {
-        params.validate()?;
         let mut task = DiffusionTask::from_user_request(params.clone())?;
         task.buffer.cond = Some(cond);
         task.buffer.uncond = if params.cfg() { uncond } else { None };

@@ -65,7 +65,8 @@ impl<B: Backend> Generator<B> {
                 guidance_scale_2: None,
                 ..params.clone()
             };
-            p.validate()?;
+            // Validates the stage's request before anything runs.
+            let mut task = DiffusionTask::from_user_request(p.clone())?;
             if st.model >= self.backend.model_pool.len() {
                 return Err(GenError::Params(format!(
                     "stage {i} uses model {} of a pool of {}",
@@ -73,7 +74,6 @@ impl<B: Backend> Generator<B> {
                     self.backend.model_pool.len()
                 )));
             }
-            let mut task = DiffusionTask::from_user_request(p.clone())?;
             task.expert_override = Some((st.model, st.guidance_scale));
             let uncond_here = if p.cfg() { uncond.clone() } else { None };
             let mut sched = self.scheduler(&p)?;

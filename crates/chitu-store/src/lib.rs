@@ -28,14 +28,18 @@ pub enum LoadError {
     Mismatch(String),
 }
 
+/// Reads a JSON file (a `config.json`, an index); both failures name the file.
+pub fn read_json(path: &Path) -> Result<serde_json::Value, LoadError> {
+    let text = std::fs::read_to_string(path).map_err(|e| LoadError::Io(path.display().to_string(), e))?;
+    serde_json::from_str(&text).map_err(|e| LoadError::Mismatch(format!("{}: invalid JSON: {e}", path.display())))
+}
+
 /// The weight files of a model folder: the shards named by `<stem>.safetensors.index.json` if it
 /// exists, else `<stem>.safetensors`.
 pub fn weight_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>, LoadError> {
     let index = dir.join(format!("{stem}.safetensors.index.json"));
     if index.exists() {
-        let text = std::fs::read_to_string(&index).map_err(|e| LoadError::Io(index.display().to_string(), e))?;
-        let json: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| LoadError::Mismatch(format!("{}: invalid JSON: {e}", index.display())))?;
+        let json = read_json(&index)?;
         let map = json
             .get("weight_map")
             .and_then(|m| m.as_object())

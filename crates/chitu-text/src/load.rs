@@ -2,7 +2,7 @@
 
 use crate::{Encoded, T5Tokenizer, TextError, Umt5Config, Umt5Encoder};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
-use chitu_store::{load_strict, weight_files};
+use chitu_store::{load_strict, read_json, weight_files, LoadError};
 use std::path::{Path, PathBuf};
 
 /// Which naming scheme an encoder checkpoint uses.
@@ -66,9 +66,10 @@ impl<B: Backend> Umt5Encoder<B> {
     pub fn from_dir(dir: impl AsRef<Path>, device: &B::Device) -> Result<Self, TextError> {
         let dir = dir.as_ref();
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| TextError::Io(path.display().to_string(), e))?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| TextError::Config(format!("{}: {e}", path.display())))?;
+        let json = read_json(&path).map_err(|e| match e {
+            LoadError::Io(p, e) => TextError::Io(p, e),
+            other => TextError::Config(other.to_string()),
+        })?;
         let config = Umt5Config::from_json(&json).map_err(|e| TextError::Config(format!("{}: {e}", path.display())))?;
         let files = weight_files(dir, "model").map_err(|e| TextError::Weights(e.to_string()))?;
         Self::new(config, device)?.load_weights(&files, TextLayout::Transformers)

@@ -2,7 +2,7 @@
 
 use crate::{VaeError, WanVae, WanVaeConfig};
 use burn::tensor::backend::Backend;
-use chitu_store::{load_strict, weight_files};
+use chitu_store::{load_strict, read_json, weight_files, LoadError};
 use std::path::{Path, PathBuf};
 
 /// Which naming scheme a VAE checkpoint uses.
@@ -91,9 +91,10 @@ impl<B: Backend> WanVae<B> {
     pub fn from_dir(dir: impl AsRef<Path>, device: &B::Device) -> Result<Self, VaeError> {
         let dir = dir.as_ref();
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| VaeError::Io(path.display().to_string(), e))?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| VaeError::Config(format!("{}: {e}", path.display())))?;
+        let json = read_json(&path).map_err(|e| match e {
+            LoadError::Io(p, e) => VaeError::Io(p, e),
+            other => VaeError::Config(other.to_string()),
+        })?;
         let config =
             WanVaeConfig::from_json(&json).map_err(|e| VaeError::Config(format!("{}: {e}", path.display())))?;
         let files = weight_files(dir, "diffusion_pytorch_model").map_err(|e| VaeError::Weights(e.to_string()))?;
