@@ -10,6 +10,7 @@
 //! It also owns the parity runner ([`parity`]) that checks every component against reference
 //! outputs made with diffusers/transformers.
 
+pub use chitu_cache as cache;
 pub use chitu_dit as dit;
 pub use chitu_gen as gen;
 pub use chitu_sched as sched;

@@ -1,5 +1,6 @@
 //! `chitu generate`: text to video with a Wan model folder, or with the embedded tiny model.
 
+use chitu::cache::CacheConfig;
 use chitu::gen::output::{output_stem, sidecar, write_contact_sheet, write_frame_pngs, write_mp4, RgbFrames};
 use chitu::gen::{video_to_frames, DiffusionBackend, DiffusionTask, DiffusionUserParams, Generator, Stage};
 use chitu::sched::SolverKind;
@@ -57,6 +58,16 @@ struct GenerateArgs {
     /// Memory saving level: 1 decodes the VAE in tiles.
     #[arg(long, default_value_t = 0)]
     low_mem: u8,
+    /// FlexCache policy: teacache, pab, first_block_cache or taylorseer, or a JSON object such
+    /// as '{"policy": "pab", "skip_self_range": 3}'.
+    #[arg(long)]
+    cache: Option<String>,
+    /// Threshold of teacache or first_block_cache.
+    #[arg(long, requires = "cache")]
+    cache_threshold: Option<f64>,
+    /// Also run without the cache from the same seed and report PSNR, latent difference and speedup.
+    #[arg(long, requires = "cache")]
+    cache_check: bool,
     /// Folder for the outputs.
     #[arg(long, default_value = "out")]
     out: PathBuf,
@@ -96,6 +107,16 @@ fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
     params.shift = args.shift.or(params.shift);
     params.max_sequence_length = args.max_sequence_length.unwrap_or(params.max_sequence_length);
     params.low_mem = args.low_mem;
+    params.cache = match &args.cache {
+        Some(spec) => {
+            let config = CacheConfig::parse(spec)?;
+            Some(match args.cache_threshold {
+                Some(t) => config.with_threshold(t)?,
+                None => config,
+            })
+        }
+        None => None,
+    };
 
     let generator = Generator::new(backend);
     let mut task = DiffusionTask::<B>::from_user_request(params.clone())?;
@@ -120,6 +141,25 @@ fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
         t.text_encode, t.denoise, t.vae_decode
     );
 
+    if let Some(stats) = task.cache_stats() {
+        eprintln!(
+            "cache: {} calls, {} full computes, {:.1} of {} block evaluations",
+            stats.calls,
+            stats.full_computes,
+            stats.block_evals(),
+            stats.uncached_block_evals()
+        );
+    }
+    let check = match args.cache_check {
+        true => {
+            eprintln!("cache check: running again without the cache");
+            let check = generator.cache_check(&task)?;
+            eprintln!("{check}");
+            Some(check)
+        }
+        false => None,
+    };
+
     let video = task.buffer.video.take().ok_or("no video decoded")?;
     let frames = RgbFrames::from_tensor(video_to_frames(video))?;
     std::fs::create_dir_all(&args.out)?;
@@ -133,10 +173,21 @@ fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
         files.extend(write_frame_pngs(&args.out, &stem, &frames)?);
     }
     let json = args.out.join(format!("{stem}.json"));
-    std::fs::write(
-        &json,
-        serde_json::to_string_pretty(&sidecar(&params, &t, &model_name, &files))?,
-    )?;
+    let mut meta = sidecar(&params, &t, &model_name, &files);
+    if let Some(c) = check {
+        meta["cache_check"] = serde_json::json!({
+            "policy": c.policy,
+            "psnr_db": if c.psnr_db.is_finite() { Some(c.psnr_db) } else { None },
+            "max_abs_latent_diff": c.max_abs_latent_diff,
+            "block_evals": c.stats.block_evals(),
+            "uncached_block_evals": c.stats.uncached_block_evals(),
+            "block_speedup": c.block_speedup(),
+            "denoise_s": c.denoise_s,
+            "uncached_denoise_s": c.uncached_denoise_s,
+            "wall_speedup": c.wall_speedup(),
+        });
+    }
+    std::fs::write(&json, serde_json::to_string_pretty(&meta)?)?;
     files.push(json);
     for f in files {
         println!("{}", f.display());

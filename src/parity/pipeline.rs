@@ -29,18 +29,21 @@ fn params(case: &Case) -> Result<DiffusionUserParams, ParityError> {
         guidance_scale: get_f("guidance_scale")?,
         guidance_scale_2: p.get("guidance_scale_2").and_then(|v| v.as_f64()),
         max_sequence_length: get_u("max_sequence_length")?,
+        cache: case
+            .json
+            .get("cache")
+            .map(chitu_cache::CacheConfig::from_json)
+            .transpose()
+            .map_err(|e| ParityError::Case(format!("case {}: {e}", case.name)))?,
         ..DiffusionUserParams::default()
     })
 }
 
 /// Runs the case's pipeline; returns the outputs the case's tensor file holds references for.
+///
+/// A case with a `cache` runs with that policy; when it also holds `uncached_final_latents`, the
+/// same run without the cache is checked against those.
 pub fn outputs<B: Backend>(case: &Case, device: &B::Device) -> Result<Vec<(&'static str, HostTensor)>, ParityError> {
-    if let Some(cache) = case.json.get("cache") {
-        let policy = cache.get("policy").and_then(|v| v.as_str()).unwrap_or("?");
-        return Err(ParityError::Component(format!(
-            "cache policy {policy} is not implemented yet"
-        )));
-    }
     let model = case
         .field("model")?
         .as_str()
@@ -48,35 +51,57 @@ pub fn outputs<B: Backend>(case: &Case, device: &B::Device) -> Result<Vec<(&'sta
     let backend = DiffusionBackend::<B>::from_dir(case.root.join(model), device)
         .map_err(|e| ParityError::Component(e.to_string()))?;
     let generator = Generator::new(backend);
+    let params = params(case)?;
+    // Decode only when the case has reference frames.
+    let want_frames = case.tensors.contains_key("frames");
+    let (latents, frames) = run_pipeline(case, &generator, params.clone(), want_frames, device)?;
+    let mut outs = vec![("final_latents", latents)];
+    outs.extend(frames.map(|f| ("frames", f)));
+    if params.cache.is_some() && case.tensors.contains_key("uncached_final_latents") {
+        let uncached = DiffusionUserParams { cache: None, ..params };
+        let (latents, _) = run_pipeline(case, &generator, uncached, false, device)?;
+        outs.push(("uncached_final_latents", latents));
+    }
+    Ok(outs)
+}
+
+/// One run from the case's initial latents: the final latents, and the frames when asked.
+fn run_pipeline<B: Backend>(
+    case: &Case,
+    generator: &Generator<B>,
+    params: DiffusionUserParams,
+    want_frames: bool,
+    device: &B::Device,
+) -> Result<(HostTensor, Option<HostTensor>), ParityError> {
+    let component = |e: chitu_gen::GenError| ParityError::Component(e.to_string());
     let initial = case
         .tensor("initial_latents")?
         .to_backend::<B, 5>("initial_latents", device)?;
-    let task = DiffusionTask::from_user_request(params(case)?)
-        .map_err(|e| ParityError::Component(e.to_string()))?
+    let mut task = DiffusionTask::from_user_request(params)
+        .map_err(component)?
         .with_initial_latents(initial);
-    let component = |e: chitu_gen::GenError| ParityError::Component(e.to_string());
-    let mut task = task;
-    // Decode only when the case has reference frames.
-    let want_frames = case.tensors.contains_key("frames");
     while task.stage != chitu_gen::Stage::VaeDecode {
         generator.generate_step(&mut task).map_err(component)?;
+    }
+    if let Some(stats) = task.cache_stats() {
+        tracing::info!(case = %case.name, ?stats, "cache");
     }
     let latents = task
         .buffer
         .latents
         .clone()
         .ok_or_else(|| ParityError::Component("no latents".into()))?;
-    let mut outs = vec![("final_latents", HostTensor::from_backend(latents)?)];
-    if want_frames {
-        generator.generate_step(&mut task).map_err(component)?;
-        let video = task
-            .buffer
-            .video
-            .clone()
-            .ok_or_else(|| ParityError::Component("no video".into()))?;
-        outs.push(("frames", HostTensor::from_backend(video_to_frames(video))?));
+    let latents = HostTensor::from_backend(latents)?;
+    if !want_frames {
+        return Ok((latents, None));
     }
-    Ok(outs)
+    generator.generate_step(&mut task).map_err(component)?;
+    let video = task
+        .buffer
+        .video
+        .clone()
+        .ok_or_else(|| ParityError::Component("no video".into()))?;
+    Ok((latents, Some(HostTensor::from_backend(video_to_frames(video))?)))
 }
 
 pub fn run<B: Backend>(case: &Case, device: &B::Device) -> Result<f64, ParityError> {

@@ -3,6 +3,7 @@
 
 use crate::{DiffusionBackend, DiffusionUserParams, GenError};
 use burn::tensor::{backend::Backend, ElementConversion, Tensor, TensorData};
+use chitu_cache::{Branch, CachePolicy, CacheStats, DitCall};
 use chitu_sched::Scheduler;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
@@ -51,21 +52,41 @@ pub struct DiffusionTask<B: Backend> {
     pub stage: Stage,
     pub buffer: TaskBuffer<B>,
     initial_latents: Option<Tensor<B, 5>>,
+    /// The latents denoising started from (the cache check reruns from them).
+    start_latents: Option<Tensor<B, 5>>,
     /// Pins the pool model and guidance (stage plans); the timestep boundary decides otherwise.
     pub(crate) expert_override: Option<(usize, f64)>,
+    /// The request's FlexCache policy, with its state for this run.
+    cache: Option<Box<dyn CachePolicy<B>>>,
 }
 
 impl<B: Backend> DiffusionTask<B> {
     /// A task for validated `params`, starting from seeded noise.
     pub fn from_user_request(params: DiffusionUserParams) -> Result<Self, GenError> {
         params.validate()?;
+        let cache = match &params.cache {
+            Some(config) => Some(chitu_cache::build::<B>(config).map_err(|e| GenError::Params(e.to_string()))?),
+            None => None,
+        };
         Ok(Self {
             params,
             stage: Stage::TextEncode,
             buffer: TaskBuffer::default(),
             initial_latents: None,
+            start_latents: None,
             expert_override: None,
+            cache,
         })
+    }
+
+    /// The latents denoising started from, once text encoding has set them.
+    pub fn start_latents(&self) -> Option<Tensor<B, 5>> {
+        self.start_latents.clone()
+    }
+
+    /// The cache policy's counters, when the request uses one.
+    pub fn cache_stats(&self) -> Option<CacheStats> {
+        self.cache.as_ref().map(|c| c.stats())
     }
 
     /// Starts from the given latents instead of seeded noise (how the parity cases run).
@@ -188,14 +209,24 @@ impl<B: Backend> Generator<B> {
             .cond
             .clone()
             .ok_or_else(|| GenError::Stage("no prompt embeddings".into()))?;
-        let run = |ctx: Tensor<B, 3>| {
-            model
-                .forward(latents.clone(), &[t], ctx)
-                .map_err(|e| GenError::Stage(format!("denoise step {step}: {e}")))
+        let num_steps = task.params.num_inference_steps;
+        let cache = &mut task.cache;
+        let mut run = |ctx: Tensor<B, 3>, branch: Branch| {
+            let call = DitCall {
+                step,
+                num_steps,
+                branch,
+                expert,
+            };
+            match cache {
+                Some(policy) => policy.forward(model, call, latents.clone(), t, ctx),
+                None => model.forward(latents.clone(), &[t], ctx),
+            }
+            .map_err(|e| GenError::Stage(format!("denoise step {step}: {e}")))
         };
-        let mut velocity = run(cond)?;
+        let mut velocity = run(cond, Branch::Cond)?;
         if let Some(uncond) = buf.uncond.clone() {
-            let v_uncond = run(uncond)?;
+            let v_uncond = run(uncond, Branch::Uncond)?;
             velocity = v_uncond.clone() + (velocity - v_uncond).mul_scalar(guidance as f32);
         }
         let next = sched
@@ -231,6 +262,7 @@ impl<B: Backend> Generator<B> {
                     }
                     None => seeded_noise(p.seed, shape, &self.backend.device),
                 };
+                task.start_latents = Some(latents.clone());
                 task.buffer.latents = Some(latents);
                 task.buffer.timings.text_encode += t0.elapsed().as_secs_f64();
                 task.stage = Stage::Denoise;

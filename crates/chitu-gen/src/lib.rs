@@ -5,6 +5,7 @@
 //! [`Generator::generate_step`]: text encoding, each denoise step, the VAE decode.
 
 mod backend;
+mod check;
 mod generator;
 pub mod output;
 mod params;
@@ -13,6 +14,7 @@ mod pool;
 mod tiny;
 
 pub use backend::DiffusionBackend;
+pub use check::CacheCheck;
 pub use generator::{seeded_noise, video_to_frames, DiffusionTask, Generator, Stage, StageTimings, TaskBuffer};
 pub use params::DiffusionUserParams;
 pub use plan::{PlanOutput, PlanStage};

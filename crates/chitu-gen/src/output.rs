@@ -248,6 +248,7 @@ pub fn sidecar(
             "solver": params.solver.map(|s| format!("{s:?}")),
             "shift": params.shift,
             "max_sequence_length": params.max_sequence_length,
+            "cache": params.cache,
         },
         "timings_s": {
             "text_encode": timings.text_encode,

@@ -1,6 +1,7 @@
 //! What a user asks for, validated before any work starts.
 
 use crate::GenError;
+use chitu_cache::CacheConfig;
 use chitu_sched::SolverKind;
 
 /// One text-to-video request (Chitu's `DiffusionUserParams`).
@@ -28,6 +29,8 @@ pub struct DiffusionUserParams {
     /// Memory saving: 0 off, 1 tiled VAE decode. Levels 2 (text encoder on the CPU) and 3 (only
     /// the active expert on the device) are refused until CPU offload exists.
     pub low_mem: u8,
+    /// The FlexCache policy; none computes every block of every call.
+    pub cache: Option<CacheConfig>,
 }
 
 impl Default for DiffusionUserParams {
@@ -47,6 +50,7 @@ impl Default for DiffusionUserParams {
             shift: None,
             max_sequence_length: 512,
             low_mem: 0,
+            cache: None,
         }
     }
 }
@@ -95,6 +99,9 @@ impl DiffusionUserParams {
                 "low_mem level {} is not available yet: only 1 (tiled VAE decode); CPU offload (levels 2 and 3) is not implemented",
                 self.low_mem
             ));
+        }
+        if let Some(cache) = &self.cache {
+            cache.validate().map_err(|e| GenError::Params(e.to_string()))?;
         }
         if self.max_sequence_length == 0 {
             return bad("max_sequence_length must be at least 1".into());

@@ -1,0 +1,191 @@
+//! FlexCache: feature-cache policies for the Wan DiT.
+//!
+//! A [`CachePolicy`] runs one DiT call and decides what to compute and what to reuse. It sees the
+//! model in pieces ([`WanTransformer::embed`], [`WanTransformer::forward_blocks`],
+//! [`WanTransformer::head`]) and each sub-layer through a [`chitu_dit::BlockHook`]. Every policy keeps
+//! separate state per CFG branch and per expert ([`DitCall`]), always computes the steps of its
+//! warmup and cooldown [`Window`], and counts its work in [`CacheStats`].
+//!
+//! | policy | skips | decided by |
+//! |---|---|---|
+//! | [`TeaCacheConfig`] | all blocks | accumulated rescaled change of `e0`/`temb` |
+//! | [`PabConfig`] | attention outputs | fixed step ranges |
+//! | [`FirstBlockCacheConfig`] | blocks 1.. | change of block 0's residual |
+//! | [`TaylorSeerConfig`] | attention and FFN outputs (forecast) | fixed interval |
+//!
+//! ```no_run
+//! # use burn_flex::Flex;
+//! use chitu_cache::{Branch, CacheConfig, DitCall};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let device = Default::default();
+//! # let dit = chitu_dit::WanTransformer::<Flex>::from_dir("transformer", &device)?;
+//! # let (latents, text) = (burn::tensor::Tensor::zeros([1, 16, 2, 4, 4], &device), burn::tensor::Tensor::zeros([1, 8, 32], &device));
+//! let mut cache = chitu_cache::build::<Flex>(&CacheConfig::parse("teacache")?)?;
+//! let call = DitCall { step: 0, num_steps: 50, branch: Branch::Cond, expert: 0 };
+//! let velocity = cache.forward(&dit, call, latents, 999.0, text)?;
+//! println!("{:?}", cache.stats());
+//! # Ok(()) }
+//! ```
+
+mod config;
+mod first_block;
+mod pab;
+pub mod quality;
+mod taylorseer;
+mod teacache;
+
+pub use config::{
+    polyval, CacheConfig, FirstBlockCacheConfig, PabConfig, TaylorSeerConfig, TeaCacheConfig, TeaCacheMode, Window,
+};
+pub use first_block::FirstBlockCache;
+pub use pab::{pab_computes, Pab};
+pub use taylorseer::{taylorseer_computes, TaylorSeer};
+pub use teacache::TeaCache;
+
+use burn::tensor::{backend::Backend, ElementConversion, Tensor};
+use chitu_dit::{DitError, WanTransformer};
+use std::collections::HashMap;
+
+/// Errors of the cache crate.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// The cache settings are invalid.
+    #[error("invalid cache config: {0}")]
+    Config(String),
+}
+
+/// The classifier-free-guidance branch a DiT call belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Branch {
+    /// Conditioned on the prompt.
+    Cond,
+    /// Conditioned on the negative prompt.
+    Uncond,
+}
+
+/// Where a DiT call sits in a run; policies key their state by `(branch, expert)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DitCall {
+    /// The denoise step, from 0.
+    pub step: usize,
+    /// Steps in the run (for the cooldown).
+    pub num_steps: usize,
+    pub branch: Branch,
+    /// Index of the model in the pool (Wan2.2's high-noise expert is 0, low-noise 1).
+    pub expert: usize,
+}
+
+/// What a policy computed and what it reused.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// DiT calls seen.
+    pub calls: usize,
+    /// Calls that computed every sub-layer of every block.
+    pub full_computes: usize,
+    /// Whole blocks skipped (TeaCache, First Block Cache).
+    pub reused_blocks: usize,
+    /// Single sub-layer outputs (self-attention, cross-attention, FFN) reused or forecast.
+    pub reused_parts: usize,
+    /// Blocks in the model.
+    pub num_blocks: usize,
+}
+
+/// Sub-layers per block that a policy may reuse (self-attention, cross-attention, FFN).
+pub const PARTS_PER_BLOCK: usize = 3;
+
+impl CacheStats {
+    /// Block evaluations without a cache.
+    pub fn uncached_block_evals(&self) -> usize {
+        self.calls * self.num_blocks
+    }
+
+    /// Block evaluations done, counting a reused sub-layer as a third of a block.
+    pub fn block_evals(&self) -> f64 {
+        self.uncached_block_evals() as f64
+            - self.reused_blocks as f64
+            - self.reused_parts as f64 / PARTS_PER_BLOCK as f64
+    }
+
+    /// Uncached over cached block evaluations (1 when nothing was reused).
+    pub fn block_speedup(&self) -> f64 {
+        let done = self.block_evals();
+        if done > 0.0 {
+            self.uncached_block_evals() as f64 / done
+        } else {
+            1.0
+        }
+    }
+
+    fn record(&mut self, num_blocks: usize, reused_blocks: usize, reused_parts: usize) {
+        self.calls += 1;
+        self.num_blocks = num_blocks;
+        self.reused_blocks += reused_blocks;
+        self.reused_parts += reused_parts;
+        if reused_blocks == 0 && reused_parts == 0 {
+            self.full_computes += 1;
+        }
+    }
+}
+
+/// A feature-cache policy: runs DiT calls, reusing what it judges unchanged.
+pub trait CachePolicy<B: Backend>: Send {
+    /// The policy's name.
+    fn name(&self) -> &'static str;
+
+    /// The velocity of `model` for latents `x` `[1, C, F, H, W]` at `timestep` with text states
+    /// `context`, computing only what the policy decides for `call`.
+    fn forward(
+        &mut self,
+        model: &WanTransformer<B>,
+        call: DitCall,
+        x: Tensor<B, 5>,
+        timestep: f64,
+        context: Tensor<B, 3>,
+    ) -> Result<Tensor<B, 5>, DitError>;
+
+    /// Counters so far.
+    fn stats(&self) -> CacheStats;
+
+    /// Forgets all cached features and counters (a new run).
+    fn reset(&mut self);
+}
+
+/// The policy `config` describes, validated.
+pub fn build<B: Backend>(config: &CacheConfig) -> Result<Box<dyn CachePolicy<B>>, CacheError> {
+    config.validate()?;
+    Ok(match config {
+        CacheConfig::TeaCache(c) => Box::new(TeaCache::new(c.clone())),
+        CacheConfig::Pab(c) => Box::new(Pab::new(c.clone())),
+        CacheConfig::FirstBlockCache(c) => Box::new(FirstBlockCache::new(c.clone())),
+        CacheConfig::TaylorSeer(c) => Box::new(TaylorSeer::new(c.clone())),
+    })
+}
+
+/// Per-(branch, expert) state.
+#[derive(Debug)]
+pub(crate) struct Contexts<S>(HashMap<(Branch, usize), S>);
+
+impl<S: Default> Contexts<S> {
+    pub(crate) fn new() -> Self {
+        Self(HashMap::new())
+    }
+
+    pub(crate) fn get(&mut self, call: &DitCall) -> &mut S {
+        self.0.entry((call.branch, call.expert)).or_default()
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.0.clear()
+    }
+}
+
+/// `mean|x - prev| / mean|prev|`, the relative L1 change both TeaCache and First Block Cache
+/// measure; `None` when `prev` is (nearly) all zeros.
+pub(crate) fn relative_l1<B: Backend, const D: usize>(x: Tensor<B, D>, prev: Tensor<B, D>) -> Option<f64> {
+    let scale: f64 = prev.clone().abs().mean().into_scalar().elem();
+    if scale < 1e-8 {
+        return None;
+    }
+    let diff: f64 = (x - prev).abs().mean().into_scalar().elem();
+    Some(diff / scale)
+}

@@ -1,0 +1,127 @@
+//! TeaCache (Chitu's `flexcache/strategy/teacache.py`, after TeaCache4Wan2.1).
+
+use crate::config::{polyval, TeaCacheConfig, TeaCacheMode, Window};
+use crate::{relative_l1, CachePolicy, CacheStats, Contexts, DitCall};
+use burn::tensor::{backend::Backend, Tensor};
+use chitu_dit::{DitError, NoHook, WanTransformer};
+
+/// State of one (branch, expert) context.
+struct State<B: Backend> {
+    accumulated: f64,
+    previous_signal: Option<Tensor<B, 2>>,
+    /// Output minus input of the block stack at the last full compute.
+    residual: Option<Tensor<B, 3>>,
+}
+
+impl<B: Backend> Default for State<B> {
+    fn default() -> Self {
+        Self {
+            accumulated: 0.0,
+            previous_signal: None,
+            residual: None,
+        }
+    }
+}
+
+/// TeaCache: skips every block while the accumulated, polynomial-rescaled relative L1 change of
+/// the timestep signal stays below the threshold, adding the last stored residual instead.
+pub struct TeaCache<B: Backend> {
+    config: TeaCacheConfig,
+    contexts: Contexts<State<B>>,
+    stats: CacheStats,
+}
+
+impl<B: Backend> TeaCache<B> {
+    pub fn new(config: TeaCacheConfig) -> Self {
+        Self {
+            config,
+            contexts: Contexts::new(),
+            stats: CacheStats::default(),
+        }
+    }
+}
+
+impl<B: Backend> CachePolicy<B> for TeaCache<B> {
+    fn name(&self) -> &'static str {
+        "teacache"
+    }
+
+    fn forward(
+        &mut self,
+        model: &WanTransformer<B>,
+        call: DitCall,
+        x: Tensor<B, 5>,
+        timestep: f64,
+        context: Tensor<B, 3>,
+    ) -> Result<Tensor<B, 5>, DitError> {
+        let e = model.embed(x, &[timestep], context)?;
+        let signal: Tensor<B, 2> = match self.config.mode {
+            TeaCacheMode::RetSteps => e.inputs.e0.clone().flatten(1, 2),
+            TeaCacheMode::Default => e.temb.clone(),
+        };
+        let window = Window {
+            warmup: self.config.warmup,
+            cooldown: self.config.cooldown,
+        };
+        let forced = window.forces(call.step, call.num_steps);
+        let coefficients = self.config.coefficients_for(&model.config);
+        let threshold = self.config.threshold;
+        let state = self.contexts.get(&call);
+
+        let reuse = if forced {
+            state.accumulated = 0.0;
+            None
+        } else {
+            let distance = state
+                .previous_signal
+                .clone()
+                .and_then(|prev| relative_l1(signal.clone(), prev));
+            match distance {
+                // A first call in this context, or a vanishing signal: nothing to compare.
+                None => None,
+                Some(d) => {
+                    let accumulated = state.accumulated + polyval(&coefficients, d);
+                    // A threshold of 0 never reuses, even where the polynomial dips below zero.
+                    match state.residual.clone() {
+                        Some(residual) if threshold > 0.0 && accumulated < threshold => {
+                            state.accumulated = accumulated;
+                            Some(residual)
+                        }
+                        _ => {
+                            state.accumulated = 0.0;
+                            None
+                        }
+                    }
+                }
+            }
+        };
+        state.previous_signal = Some(signal);
+
+        let num_blocks = model.blocks.len();
+        let tokens = if let Some(residual) = reuse {
+            self.stats.record(num_blocks, num_blocks, 0);
+            e.tokens + residual
+        } else {
+            let out = model.forward_blocks(
+                e.tokens.clone(),
+                &e.inputs,
+                0..num_blocks,
+                &model.config.attention,
+                &mut NoHook,
+            );
+            state.residual = Some(out.clone() - e.tokens);
+            self.stats.record(num_blocks, 0, 0);
+            out
+        };
+        Ok(model.head(tokens, e.temb, e.grid))
+    }
+
+    fn stats(&self) -> CacheStats {
+        self.stats
+    }
+
+    fn reset(&mut self) {
+        self.contexts.clear();
+        self.stats = CacheStats::default();
+    }
+}

@@ -1,0 +1,113 @@
+//! The cache quality gate: a cached run compared with the uncached run from the same start.
+
+use crate::{video_to_frames, DiffusionTask, DiffusionUserParams, GenError, Generator};
+use burn::tensor::backend::Backend;
+use chitu_cache::quality::{max_abs_diff, psnr};
+use chitu_cache::CacheStats;
+use std::fmt;
+
+/// How a cached run compares with the same request run without the cache.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheCheck {
+    /// The policy's name.
+    pub policy: &'static str,
+    /// The cached run's counters.
+    pub stats: CacheStats,
+    /// PSNR of the cached frames against the uncached ones, in dB (infinite when identical).
+    pub psnr_db: f64,
+    /// Largest absolute difference of the final latents.
+    pub max_abs_latent_diff: f64,
+    /// Denoise wall time of the cached run, in seconds.
+    pub denoise_s: f64,
+    /// Denoise wall time of the uncached run, in seconds.
+    pub uncached_denoise_s: f64,
+}
+
+impl CacheCheck {
+    /// Uncached over cached DiT block evaluations.
+    pub fn block_speedup(&self) -> f64 {
+        self.stats.block_speedup()
+    }
+
+    /// Uncached over cached denoise wall time.
+    pub fn wall_speedup(&self) -> f64 {
+        if self.denoise_s > 0.0 {
+            self.uncached_denoise_s / self.denoise_s
+        } else {
+            1.0
+        }
+    }
+}
+
+impl fmt::Display for CacheCheck {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = &self.stats;
+        writeln!(
+            f,
+            "cache {}: {} calls, {} full computes, {} blocks and {} sub-layers reused",
+            self.policy, s.calls, s.full_computes, s.reused_blocks, s.reused_parts
+        )?;
+        writeln!(
+            f,
+            "  block evaluations {:.1} of {} ({:.2}x fewer)",
+            s.block_evals(),
+            s.uncached_block_evals(),
+            self.block_speedup()
+        )?;
+        writeln!(
+            f,
+            "  denoise wall time {:.3}s vs {:.3}s uncached ({:.2}x)",
+            self.denoise_s,
+            self.uncached_denoise_s,
+            self.wall_speedup()
+        )?;
+        write!(
+            f,
+            "  frames PSNR {:.2} dB, max |latent difference| {:.3e}",
+            self.psnr_db, self.max_abs_latent_diff
+        )
+    }
+}
+
+impl<B: Backend> Generator<B> {
+    /// Runs `cached`'s request again without its cache, from the same starting latents, and
+    /// compares the two. `cached` must be finished and use a cache.
+    pub fn cache_check(&self, cached: &DiffusionTask<B>) -> Result<CacheCheck, GenError> {
+        let (Some(policy), Some(stats)) = (cached.params.cache.as_ref(), cached.cache_stats()) else {
+            return Err(GenError::Params("cache check: the request has no cache policy".into()));
+        };
+        let (Some(latents), Some(video), Some(start)) = (
+            cached.buffer.latents.clone(),
+            cached.buffer.video.clone(),
+            cached.start_latents(),
+        ) else {
+            return Err(GenError::Stage("cache check: the cached run has not finished".into()));
+        };
+        let params = DiffusionUserParams {
+            cache: None,
+            ..cached.params.clone()
+        };
+        let plain = self.generate(DiffusionTask::from_user_request(params)?.with_initial_latents(start))?;
+        let (Some(plain_latents), Some(plain_video)) = (plain.buffer.latents.clone(), plain.buffer.video.clone())
+        else {
+            return Err(GenError::Stage(
+                "cache check: the uncached run produced no video".into(),
+            ));
+        };
+        Ok(CacheCheck {
+            policy: policy.name(),
+            stats,
+            psnr_db: psnr(video_to_frames(video), video_to_frames(plain_video)),
+            max_abs_latent_diff: max_abs_diff(latents, plain_latents),
+            denoise_s: cached.buffer.timings.denoise,
+            uncached_denoise_s: plain.buffer.timings.denoise,
+        })
+    }
+
+    /// Generates `params` (which must name a cache) and checks it against the uncached run.
+    pub fn generate_checked(&self, params: DiffusionUserParams) -> Result<(DiffusionTask<B>, CacheCheck), GenError> {
+        let task = self.generate(DiffusionTask::from_user_request(params)?)?;
+        let check = self.cache_check(&task)?;
+        Ok((task, check))
+    }
+}
