@@ -207,3 +207,68 @@ fn low_mem_level_one_decodes_in_tiles() {
         .into_scalar();
     assert!(diff > 0.0, "a 288-pixel-wide decode must actually tile");
 }
+
+mod common;
+
+#[test]
+fn a_wan_release_folder_generates_what_the_diffusers_folder_does() {
+    // The fixture's weights rewritten as Wan ships them: the DiT in Wan's key layout with Wan's
+    // config, the UMT5 and VAE checkpoints under Wan's file names, the tokenizer under google/.
+    let dir = tempfile::tempdir().unwrap();
+    let native = dir.path();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/models");
+    for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+        std::fs::copy(fixtures.join("wan21_native_dit").join(f), native.join(f)).unwrap();
+    }
+    common::write_wan_t5(
+        &model("wan21"),
+        &native.join("models_t5_umt5-xxl-enc-bf16.safetensors"),
+        None,
+    );
+    common::write_wan_vae(&model("wan21"), &native.join("Wan2.1_VAE.safetensors"));
+    std::fs::create_dir_all(native.join("google/umt5-xxl")).unwrap();
+    std::fs::copy(
+        model("wan21").join("tokenizer/tokenizer.json"),
+        native.join("google/umt5-xxl/tokenizer.json"),
+    )
+    .unwrap();
+    assert!(chitu::gen::is_wan_native(native));
+
+    // The real preset describes UMT5-XXL: the tiny checkpoint must be refused by name, not
+    // loaded into garbage.
+    let dev = default_device();
+    let e = DiffusionBackend::<B>::from_dir(native, &dev).err().unwrap().to_string();
+    assert!(e.contains("UMT5") && e.contains("missing keys"), "{e}");
+
+    let read = |p: PathBuf| std::fs::read_to_string(p).unwrap();
+    let config = chitu::gen::WanNativeConfig {
+        text: serde_json::from_str(&read(model("wan21").join("text_encoder/config.json"))).unwrap(),
+        vae: serde_json::from_str(&read(model("wan21").join("vae/config.json"))).unwrap(),
+        shift: 3.0,
+        boundary_ratio: None,
+    };
+    let wan = Generator::new(DiffusionBackend::<B>::from_wan_dir(native, &config, &dev).unwrap());
+    let diffusers = Generator::new(DiffusionBackend::<B>::from_dir(model("wan21"), &dev).unwrap());
+    let run = |g: &Generator<B>| {
+        let task = g.generate(DiffusionTask::from_user_request(small("A cat walking on grass")).unwrap());
+        task.unwrap().buffer.video.unwrap().into_data()
+    };
+    assert_eq!(run(&wan), run(&diffusers));
+
+    // Two experts need a boundary; a missing checkpoint is named.
+    let two = chitu::gen::WanNativeConfig {
+        boundary_ratio: Some(0.875),
+        ..config.clone()
+    };
+    let e = DiffusionBackend::<B>::from_wan_dir(native, &two, &dev)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("boundary"), "{e}");
+    std::fs::remove_file(native.join("Wan2.1_VAE.safetensors")).unwrap();
+    let e = DiffusionBackend::<B>::from_wan_dir(native, &config, &dev)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("Wan2.1_VAE.pth"), "{e}");
+}

@@ -4,9 +4,9 @@ use chitu::parity::tensors::{rel_l2, HostTensor};
 use chitu::parity::{text, Case};
 use chitu::text::{T5Tokenizer, TextEncoder, Umt5Config};
 use chitu::{default_device, DefaultBackend as B};
-use safetensors::tensor::TensorView;
-use safetensors::SafeTensors;
 use std::path::{Path, PathBuf};
+
+mod common;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity")
@@ -81,44 +81,11 @@ fn missing_tokenizer_names_the_path() {
     assert!(e.contains("tokenizer.json"), "{e}");
 }
 
-/// Renames the transformers checkpoint to Wan's `t5.py` names and writes it to `path`.
-fn write_wan_layout(path: &Path, drop: Option<&str>) {
-    let bytes = std::fs::read(model_dir().join("text_encoder/model.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let rename = |k: &str| -> String {
-        if k == "shared.weight" {
-            return "token_embedding.weight".into();
-        }
-        if k == "encoder.final_layer_norm.weight" {
-            return "norm.weight".into();
-        }
-        let parts: Vec<&str> = k.split('.').collect();
-        let (i, rest) = (parts[2], parts[3..].join("."));
-        let tail = match rest.as_str() {
-            "layer.0.SelfAttention.relative_attention_bias.weight" => "pos_embedding.embedding.weight".to_string(),
-            "layer.0.layer_norm.weight" => "norm1.weight".into(),
-            "layer.1.layer_norm.weight" => "norm2.weight".into(),
-            "layer.1.DenseReluDense.wi_0.weight" => "ffn.gate.0.weight".into(),
-            "layer.1.DenseReluDense.wi_1.weight" => "ffn.fc1.weight".into(),
-            "layer.1.DenseReluDense.wo.weight" => "ffn.fc2.weight".into(),
-            other => other.replace("layer.0.SelfAttention.", "attn."),
-        };
-        format!("blocks.{i}.{tail}")
-    };
-    let views: Vec<(String, TensorView)> = st
-        .tensors()
-        .into_iter()
-        .map(|(k, v)| (rename(&k), v))
-        .filter(|(k, _)| Some(k.as_str()) != drop)
-        .collect();
-    safetensors::serialize_to_file(views, None, path).unwrap();
-}
-
 #[test]
 fn wan_checkpoint_layout_loads_to_the_same_encoder() {
     let dir = tempfile::tempdir().unwrap();
     let ckpt = dir.path().join("umt5-enc.safetensors");
-    write_wan_layout(&ckpt, None);
+    common::write_wan_t5(&model_dir(), &ckpt, None);
     let config: Umt5Config =
         serde_json::from_str(&std::fs::read_to_string(model_dir().join("text_encoder/config.json")).unwrap()).unwrap();
     let tok = model_dir().join("tokenizer/tokenizer.json");
@@ -131,7 +98,7 @@ fn wan_checkpoint_layout_loads_to_the_same_encoder() {
     assert_eq!(rel_l2(&a, &b), 0.0);
 
     // A renamed checkpoint with a tensor missing fails and names it.
-    write_wan_layout(&ckpt, Some("blocks.1.ffn.gate.0.weight"));
+    common::write_wan_t5(&model_dir(), &ckpt, Some("blocks.1.ffn.gate.0.weight"));
     let e = TextEncoder::<B>::from_wan_files(&ckpt, &tok, config, &dev)
         .err()
         .unwrap()

@@ -7,6 +7,8 @@ use chitu::vae::{TileConfig, WanVae};
 use chitu::{default_device, DefaultBackend as B};
 use std::path::{Path, PathBuf};
 
+mod common;
+
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity")
 }
@@ -87,55 +89,15 @@ fn normalize_inverts_denormalize() {
     assert!(rel_l2(&back, &host(z)) < 1e-6);
 }
 
-/// diffusers VAE key → Wan's `vae.py` key, for the fixture's shape (4 stages, 2 residual blocks).
-fn to_wan_key(key: &str) -> String {
-    let mut k = key.to_string();
-    for (a, b) in [
-        (".norm1.", ".residual.0."),
-        (".conv1.", ".residual.2."),
-        (".norm2.", ".residual.3."),
-        (".conv2.", ".residual.6."),
-        (".conv_shortcut.", ".shortcut."),
-        ("encoder.conv_in.", "encoder.conv1."),
-        ("decoder.conv_in.", "decoder.conv1."),
-        ("mid_block.resnets.0.", "middle.0."),
-        ("mid_block.attentions.0.", "middle.1."),
-        ("mid_block.resnets.1.", "middle.2."),
-        ("norm_out.", "head.0."),
-        ("conv_out.", "head.2."),
-        ("encoder.down_blocks.", "encoder.downsamples."),
-    ] {
-        k = k.replace(a, b);
-    }
-    if let Some(rest) = k.strip_prefix("post_quant_conv.") {
-        return format!("conv2.{rest}");
-    }
-    if let Some(rest) = k.strip_prefix("quant_conv.") {
-        return format!("conv1.{rest}");
-    }
-    if let Some(rest) = k.strip_prefix("decoder.up_blocks.") {
-        let parts: Vec<&str> = rest.splitn(4, '.').collect();
-        let block: usize = parts[0].parse().unwrap();
-        let (flat, tail) = match parts[1] {
-            "resnets" => (block * 4 + parts[2].parse::<usize>().unwrap(), parts[3]),
-            _ => (block * 4 + 3, parts[3]),
-        };
-        return format!("decoder.upsamples.{flat}.{tail}");
-    }
-    k
-}
-
 #[test]
 fn wan_vae_checkpoint_layout_loads_to_the_same_model() {
-    use safetensors::tensor::TensorView;
     let dir = tempfile::tempdir().unwrap();
     let src = fixtures().join("models/wan21/vae");
-    let bytes = std::fs::read(src.join("diffusion_pytorch_model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let renamed: Vec<(String, TensorView)> = st.tensors().into_iter().map(|(k, v)| (to_wan_key(&k), v)).collect();
-    assert!(renamed.iter().any(|(k, _)| k == "decoder.upsamples.7.time_conv.weight"));
     let ckpt = dir.path().join("Wan2.1_VAE.safetensors");
-    safetensors::serialize_to_file(renamed, None, &ckpt).unwrap();
+    common::write_wan_vae(&fixtures().join("models/wan21"), &ckpt);
+    let bytes = std::fs::read(&ckpt).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert!(st.names().contains(&"decoder.upsamples.7.time_conv.weight"));
 
     let config: chitu::vae::WanVaeConfig =
         serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();

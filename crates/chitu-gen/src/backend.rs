@@ -1,6 +1,6 @@
 //! The loaded models of one pipeline (Chitu's `DiffusionBackend`).
 
-use crate::GenError;
+use crate::{GenError, WanNativeConfig};
 use burn::tensor::backend::Backend;
 use chitu_dit::WanTransformer;
 use chitu_text::TextEncoder;
@@ -27,8 +27,13 @@ fn read_json(path: &Path) -> Result<serde_json::Value, GenError> {
 impl<B: Backend> DiffusionBackend<B> {
     /// Loads a diffusers-layout Wan folder: `model_index.json`, `transformer/`, optional
     /// `transformer_2/` with `boundary_ratio`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`.
+    /// A Wan release folder (no `model_index.json`) loads with [`DiffusionBackend::from_wan_dir`]
+    /// and the preset [`WanNativeConfig::for_dir`] picks.
     pub fn from_dir(dir: impl AsRef<Path>, device: &B::Device) -> Result<Self, GenError> {
         let dir = dir.as_ref();
+        if crate::native::is_wan_native(dir) {
+            return Self::from_wan_dir(dir, &WanNativeConfig::for_dir(dir), device);
+        }
         let index = read_json(&dir.join("model_index.json"))?;
         let text = TextEncoder::from_pipeline_dir(dir, device).map_err(|e| GenError::Load(e.to_string()))?;
         let mut model_pool =

@@ -7,6 +7,7 @@
 mod backend;
 mod check;
 mod generator;
+mod native;
 pub mod output;
 mod params;
 mod plan;
@@ -16,6 +17,7 @@ mod tiny;
 pub use backend::DiffusionBackend;
 pub use check::CacheCheck;
 pub use generator::{seeded_noise, video_to_frames, DiffusionTask, Generator, Stage, StageTimings, TaskBuffer};
+pub use native::{is_wan_native, unipc_flow_config, WanNativeConfig};
 pub use params::DiffusionUserParams;
 pub use plan::{PlanOutput, PlanStage};
 pub use pool::{TaskId, TaskPool};

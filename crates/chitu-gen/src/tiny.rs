@@ -54,13 +54,7 @@ impl<B: Backend> DiffusionBackend<B> {
             model_pool: vec![dit],
             boundary_ratio: None,
             vae,
-            scheduler_config: serde_json::json!({
-                "_class_name": "UniPCMultistepScheduler",
-                "prediction_type": "flow_prediction",
-                "use_flow_sigmas": true,
-                "flow_shift": 3.0,
-                "num_train_timesteps": 1000
-            }),
+            scheduler_config: crate::unipc_flow_config(3.0),
             device: device.clone(),
         })
     }

@@ -1,0 +1,86 @@
+//! Helpers shared by the integration tests: rewriting fixture checkpoints in Wan's own layouts.
+#![allow(dead_code)]
+
+use safetensors::tensor::TensorView;
+use safetensors::SafeTensors;
+use std::path::Path;
+
+/// Renames a diffusers folder's transformers UMT5 checkpoint to Wan's `t5.py` names and writes it
+/// to `path`, leaving out the tensor named `drop`.
+pub fn write_wan_t5(pipeline_dir: &Path, path: &Path, drop: Option<&str>) {
+    let bytes = std::fs::read(pipeline_dir.join("text_encoder/model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let rename = |k: &str| -> String {
+        if k == "shared.weight" {
+            return "token_embedding.weight".into();
+        }
+        if k == "encoder.final_layer_norm.weight" {
+            return "norm.weight".into();
+        }
+        let parts: Vec<&str> = k.split('.').collect();
+        let (i, rest) = (parts[2], parts[3..].join("."));
+        let tail = match rest.as_str() {
+            "layer.0.SelfAttention.relative_attention_bias.weight" => "pos_embedding.embedding.weight".to_string(),
+            "layer.0.layer_norm.weight" => "norm1.weight".into(),
+            "layer.1.layer_norm.weight" => "norm2.weight".into(),
+            "layer.1.DenseReluDense.wi_0.weight" => "ffn.gate.0.weight".into(),
+            "layer.1.DenseReluDense.wi_1.weight" => "ffn.fc1.weight".into(),
+            "layer.1.DenseReluDense.wo.weight" => "ffn.fc2.weight".into(),
+            other => other.replace("layer.0.SelfAttention.", "attn."),
+        };
+        format!("blocks.{i}.{tail}")
+    };
+    let views: Vec<(String, TensorView)> = st
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| (rename(&k), v))
+        .filter(|(k, _)| Some(k.as_str()) != drop)
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+/// diffusers VAE key → Wan's `vae.py` key, for the fixture's shape (4 stages, 2 residual blocks).
+pub fn to_wan_vae_key(key: &str) -> String {
+    let mut k = key.to_string();
+    for (a, b) in [
+        (".norm1.", ".residual.0."),
+        (".conv1.", ".residual.2."),
+        (".norm2.", ".residual.3."),
+        (".conv2.", ".residual.6."),
+        (".conv_shortcut.", ".shortcut."),
+        ("encoder.conv_in.", "encoder.conv1."),
+        ("decoder.conv_in.", "decoder.conv1."),
+        ("mid_block.resnets.0.", "middle.0."),
+        ("mid_block.attentions.0.", "middle.1."),
+        ("mid_block.resnets.1.", "middle.2."),
+        ("norm_out.", "head.0."),
+        ("conv_out.", "head.2."),
+        ("encoder.down_blocks.", "encoder.downsamples."),
+    ] {
+        k = k.replace(a, b);
+    }
+    if let Some(rest) = k.strip_prefix("post_quant_conv.") {
+        return format!("conv2.{rest}");
+    }
+    if let Some(rest) = k.strip_prefix("quant_conv.") {
+        return format!("conv1.{rest}");
+    }
+    if let Some(rest) = k.strip_prefix("decoder.up_blocks.") {
+        let parts: Vec<&str> = rest.splitn(4, '.').collect();
+        let block: usize = parts[0].parse().unwrap();
+        let (flat, tail) = match parts[1] {
+            "resnets" => (block * 4 + parts[2].parse::<usize>().unwrap(), parts[3]),
+            _ => (block * 4 + 3, parts[3]),
+        };
+        return format!("decoder.upsamples.{flat}.{tail}");
+    }
+    k
+}
+
+/// Writes a diffusers folder's VAE in Wan's `vae.py` key layout to `path`.
+pub fn write_wan_vae(pipeline_dir: &Path, path: &Path) {
+    let bytes = std::fs::read(pipeline_dir.join("vae/diffusion_pytorch_model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let renamed: Vec<(String, TensorView)> = st.tensors().into_iter().map(|(k, v)| (to_wan_vae_key(&k), v)).collect();
+    safetensors::serialize_to_file(renamed, None, path).unwrap();
+}
