@@ -241,7 +241,23 @@ impl<B: Backend> Generator<B> {
     }
 
     /// Advances `task` by exactly one unit: text encoding, one denoise step, or the VAE decode.
+    ///
+    /// A device allocation failure comes back as [`GenError::OutOfMemory`] naming the stage.
     pub fn generate_step(&self, task: &mut DiffusionTask<B>) -> Result<(), GenError> {
+        let stage = task.stage;
+        let step = task.buffer.current_step;
+        crate::oom::guard(
+            || match stage {
+                Stage::TextEncode => "text encode".into(),
+                Stage::Denoise => format!("denoise step {step}"),
+                Stage::VaeDecode => "VAE decode".into(),
+                Stage::Done => "done".into(),
+            },
+            || self.advance(task),
+        )
+    }
+
+    fn advance(&self, task: &mut DiffusionTask<B>) -> Result<(), GenError> {
         let t0 = Instant::now();
         match task.stage {
             Stage::TextEncode => {

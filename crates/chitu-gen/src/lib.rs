@@ -8,6 +8,7 @@ mod backend;
 mod check;
 mod generator;
 mod native;
+pub mod oom;
 pub mod output;
 mod params;
 mod plan;
@@ -38,6 +39,11 @@ pub enum GenError {
     /// A file could not be written.
     #[error("writing output: {0}")]
     Output(String),
+    /// The device ran out of memory in a stage.
+    #[error(
+        "out of device memory in {stage}: {detail}; try --low-mem 1 (tiled VAE decode), fewer frames or a smaller size"
+    )]
+    OutOfMemory { stage: String, detail: String },
     /// Latents became NaN or infinite.
     #[error("NaN or Inf detected in {0}")]
     NonFinite(String),
