@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Times chitu-rs against PyTorch/diffusers on identical workloads and random weights, on this
+# machine, and prints one markdown table (also written to bench/results/latest.md and a JSON file).
+#
+#   bash bench/run.sh                 # all workloads, all cores, 3 runs each after a warm-up
+#   THREADS=2 RUNS=5 WORKLOADS="dit umt5" bash bench/run.sh
+#
+# On first use it creates a throwaway venv outside the repository (BENCH_VENV, default
+# ~/.cache/chitu-bench/venv) and installs torch, diffusers and transformers into it. Model weights
+# and inputs go to BENCH_WORK (default ~/.cache/chitu-bench/work; about 5 GB, mostly the UMT5
+# embedding table). Not part of CI: it downloads PyTorch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+THREADS=${THREADS:-$(nproc)}
+RUNS=${RUNS:-3}
+WORKLOADS=${WORKLOADS:-"dit vae umt5 pipeline"}
+BENCH_VENV=${BENCH_VENV:-$HOME/.cache/chitu-bench/venv}
+BENCH_WORK=${BENCH_WORK:-$HOME/.cache/chitu-bench/work}
+PY="$BENCH_VENV/bin/python"
+
+if ! "$PY" -c "import torch, diffusers, transformers" 2>/dev/null; then
+    echo "installing the PyTorch reference into $BENCH_VENV" >&2
+    python3 -m venv "$BENCH_VENV"
+    "$BENCH_VENV/bin/pip" install --quiet --upgrade pip
+    "$BENCH_VENV/bin/pip" install --quiet torch diffusers transformers sentencepiece safetensors numpy
+fi
+if [ ! -f "$BENCH_WORK/.done" ]; then
+    echo "writing random-weight models and inputs to $BENCH_WORK" >&2
+    mkdir -p "$BENCH_WORK"
+    "$PY" bench/torch_side.py make "$BENCH_WORK"
+    touch "$BENCH_WORK/.done"
+fi
+cargo build --release --example bench_compare >&2
+
+LINES=$(mktemp)
+for w in $WORKLOADS; do
+    echo "timing $w: chitu" >&2
+    RAYON_NUM_THREADS=$THREADS target/release/examples/bench_compare "$w" "$BENCH_WORK" "$RUNS" | tee -a "$LINES" >&2
+    echo "timing $w: pytorch" >&2
+    OMP_NUM_THREADS=$THREADS "$PY" bench/torch_side.py time "$w" "$BENCH_WORK" "$THREADS" "$RUNS" | tee -a "$LINES" >&2
+done
+mkdir -p bench/results
+"$PY" bench/report.py "$LINES" bench/results

@@ -1,0 +1,99 @@
+"""The PyTorch/diffusers side of bench/run.sh.
+
+`make DIR` writes random-weight models and inputs for every workload into DIR (diffusers and
+transformers layouts, safetensors, f32) so that both implementations load identical weights.
+`time WORKLOAD DIR THREADS RUNS` times one workload in this process and prints one JSON line.
+"""
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file, save_file
+
+DIT = dict(
+    patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+    text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+    eps=1e-6, rope_max_seq_len=1024,
+)
+
+
+def make(root):
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(0)
+    WanTransformer3DModel(**DIT).save_pretrained(os.path.join(root, "dit"))
+    save_file(
+        {"latents": torch.randn(1, 16, 5, 30, 52), "context": torch.randn(1, 512, 4096)},
+        os.path.join(root, "dit", "inputs.safetensors"),
+    )
+    AutoencoderKLWan(base_dim=96, z_dim=16).save_pretrained(os.path.join(root, "vae"))
+    save_file({"latents": torch.randn(1, 16, 2, 30, 52)}, os.path.join(root, "vae", "inputs.safetensors"))
+    cfg = UMT5Config(
+        vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_heads=64, num_layers=2,
+        feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, relative_attention_max_distance=128,
+    )
+    UMT5EncoderModel(cfg).save_pretrained(os.path.join(root, "umt5"))
+    save_file({"ids": torch.randint(0, 256384, (1, 512))}, os.path.join(root, "umt5", "inputs.safetensors"))
+
+
+def workload(name, root, repo):
+    """Returns a zero-argument callable that runs the workload once."""
+    from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5EncoderModel
+
+    if name == "dit":
+        model = WanTransformer3DModel.from_pretrained(os.path.join(root, "dit")).eval()
+        x = load_file(os.path.join(root, "dit", "inputs.safetensors"))
+        t = torch.tensor([500.0])
+        return lambda: model(x["latents"], t, x["context"], return_dict=False)[0]
+    if name == "vae":
+        vae = AutoencoderKLWan.from_pretrained(os.path.join(root, "vae")).eval()
+        z = load_file(os.path.join(root, "vae", "inputs.safetensors"))["latents"]
+        return lambda: vae.decode(z, return_dict=False)[0]
+    if name == "umt5":
+        enc = UMT5EncoderModel.from_pretrained(os.path.join(root, "umt5")).eval()
+        ids = load_file(os.path.join(root, "umt5", "inputs.safetensors"))["ids"]
+        mask = torch.ones_like(ids)
+        return lambda: enc(input_ids=ids, attention_mask=mask).last_hidden_state
+    if name == "pipeline":
+        pipe = WanPipeline.from_pretrained(os.path.join(repo, "tests/fixtures/parity/models/wan21"))
+        gen = torch.Generator().manual_seed(0)
+        return lambda: pipe(
+            prompt="A cat walking on grass", negative_prompt="blurry, low quality, static", height=32, width=32,
+            num_frames=5, num_inference_steps=10, guidance_scale=5.0, max_sequence_length=24, generator=gen,
+            output_type="np",
+        )
+    raise SystemExit(f"unknown workload {name}")
+
+
+def time_it(name, root, threads, runs, repo):
+    torch.set_num_threads(threads)
+    with torch.inference_mode():
+        run = workload(name, root, repo)
+        run()  # warm-up
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({
+        "impl": "pytorch", "workload": name, "threads": threads, "times_s": times,
+        "median_s": statistics.median(times), "peak_rss_bytes": rss,
+        "versions": {"torch": torch.__version__, "diffusers": __import__("diffusers").__version__},
+    }))
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "make":
+        make(sys.argv[2])
+    elif sys.argv[1] == "time":
+        name, root, threads, runs = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+        time_it(name, root, threads, runs, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    else:
+        raise SystemExit(__doc__)
