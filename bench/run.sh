@@ -18,11 +18,11 @@ BENCH_VENV=${BENCH_VENV:-$HOME/.cache/chitu-bench/venv}
 BENCH_WORK=${BENCH_WORK:-$HOME/.cache/chitu-bench/work}
 PY="$BENCH_VENV/bin/python"
 
-if ! "$PY" -c "import torch, diffusers, transformers" 2>/dev/null; then
+if ! "$PY" -c "import torch, diffusers, transformers, accelerate" 2>/dev/null; then
     echo "installing the PyTorch reference into $BENCH_VENV" >&2
     python3 -m venv "$BENCH_VENV"
     "$BENCH_VENV/bin/pip" install --quiet --upgrade pip
-    "$BENCH_VENV/bin/pip" install --quiet torch diffusers transformers sentencepiece safetensors numpy
+    "$BENCH_VENV/bin/pip" install --quiet torch diffusers transformers accelerate sentencepiece safetensors numpy
 fi
 if [ ! -f "$BENCH_WORK/.done" ]; then
     echo "writing random-weight models and inputs to $BENCH_WORK" >&2

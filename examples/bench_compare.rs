@@ -93,6 +93,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let runs: usize = runs.parse()?;
     let mut run = workload(name, Path::new(root))?;
+    let load_rss = peak_rss_bytes();
     run()?; // warm-up
     let mut times = Vec::new();
     for _ in 0..runs.max(1) {
@@ -121,6 +122,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "times_s": times,
             "median_s": median,
             "peak_rss_bytes": peak_rss_bytes(),
+            "peak_rss_after_load_bytes": load_rss,
         })
     );
     Ok(())
