@@ -1,7 +1,7 @@
 //! Device out-of-memory as a typed error.
 //!
 //! burn's CUDA backend reports a failed allocation (cubecl's `BufferTooBig`, or `OutOfMemory` at a
-//! kernel launch) by panicking inside the tensor op. A stage runs under [`guard`], which turns
+//! kernel launch) by panicking inside the tensor op. Each stage runs under a guard that turns
 //! exactly those panics into [`GenError::OutOfMemory`] naming the stage; any other panic goes on
 //! unwinding. The task that hit it cannot continue (its latents may be half-updated).
 
