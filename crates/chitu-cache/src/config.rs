@@ -239,7 +239,7 @@ impl CacheConfig {
             Self::FirstBlockCache(c) => (c.warmup, c.cooldown),
             Self::TaylorSeer(c) => (c.warmup, c.cooldown),
         };
-        Window { warmup, cooldown }
+        Window::new(warmup, cooldown)
     }
 
     /// Sets warmup and cooldown.
@@ -310,6 +310,11 @@ pub struct Window {
 }
 
 impl Window {
+    /// `warmup` leading and `cooldown` trailing steps.
+    pub const fn new(warmup: usize, cooldown: usize) -> Self {
+        Self { warmup, cooldown }
+    }
+
     /// Whether `step` of `num_steps` must compute.
     pub fn forces(&self, step: usize, num_steps: usize) -> bool {
         step < self.warmup || step >= num_steps.saturating_sub(self.cooldown)

@@ -1,7 +1,7 @@
 //! First Block Cache (diffusers' `hooks/first_block_cache.py`).
 
 use crate::config::{FirstBlockCacheConfig, Window};
-use crate::{relative_l1, CachePolicy, CacheStats, Contexts, DitCall};
+use crate::{relative_l1, CachePolicy, CacheStats, Core, DitCall};
 use burn::tensor::{backend::Backend, Tensor};
 use chitu_dit::{DitError, NoHook, WanTransformer};
 
@@ -27,16 +27,14 @@ impl<B: Backend> Default for State<B> {
 /// remaining blocks instead of running them.
 pub struct FirstBlockCache<B: Backend> {
     config: FirstBlockCacheConfig,
-    contexts: Contexts<State<B>>,
-    stats: CacheStats,
+    core: Core<State<B>>,
 }
 
 impl<B: Backend> FirstBlockCache<B> {
     pub fn new(config: FirstBlockCacheConfig) -> Self {
         Self {
             config,
-            contexts: Contexts::new(),
-            stats: CacheStats::default(),
+            core: Core::new(),
         }
     }
 }
@@ -57,13 +55,10 @@ impl<B: Backend> CachePolicy<B> for FirstBlockCache<B> {
         let e = model.embed(x, &[timestep], context)?;
         let attn = &model.config.attention;
         let num_blocks = model.blocks.len();
-        let window = Window {
-            warmup: self.config.warmup,
-            cooldown: self.config.cooldown,
-        };
+        let window = Window::new(self.config.warmup, self.config.cooldown);
         let head_out = model.forward_blocks(e.tokens.clone(), &e.inputs, 0..1.min(num_blocks), attn, &mut NoHook);
         let head_residual = head_out.clone() - e.tokens;
-        let state = self.contexts.get(&call);
+        let (state, stats) = self.core.context(&call);
 
         let skip = !window.forces(call.step, call.num_steps)
             && self.config.threshold > 0.0
@@ -77,14 +72,14 @@ impl<B: Backend> CachePolicy<B> for FirstBlockCache<B> {
 
         let tokens = match (&state.tail_residual, skip) {
             (Some(tail), true) => {
-                self.stats.record(num_blocks, num_blocks - 1, 0);
+                stats.record(num_blocks, num_blocks - 1, 0);
                 head_out + tail.clone()
             }
             _ => {
                 let out = model.forward_blocks(head_out.clone(), &e.inputs, 1..num_blocks, attn, &mut NoHook);
                 state.head_residual = Some(head_residual);
                 state.tail_residual = Some(out.clone() - head_out);
-                self.stats.record(num_blocks, 0, 0);
+                stats.record(num_blocks, 0, 0);
                 out
             }
         };
@@ -92,11 +87,10 @@ impl<B: Backend> CachePolicy<B> for FirstBlockCache<B> {
     }
 
     fn stats(&self) -> CacheStats {
-        self.stats
+        self.core.stats()
     }
 
     fn reset(&mut self) {
-        self.contexts.clear();
-        self.stats = CacheStats::default();
+        self.core.reset()
     }
 }

@@ -161,21 +161,34 @@ pub fn build<B: Backend>(config: &CacheConfig) -> Result<Box<dyn CachePolicy<B>>
     })
 }
 
-/// Per-(branch, expert) state.
-#[derive(Debug)]
-pub(crate) struct Contexts<S>(HashMap<(Branch, usize), S>);
+/// What every policy keeps: its state per (branch, expert) context, and its counters.
+pub(crate) struct Core<S> {
+    contexts: HashMap<(Branch, usize), S>,
+    stats: CacheStats,
+}
 
-impl<S: Default> Contexts<S> {
+impl<S: Default> Core<S> {
     pub(crate) fn new() -> Self {
-        Self(HashMap::new())
+        Self {
+            contexts: HashMap::new(),
+            stats: CacheStats::default(),
+        }
     }
 
-    pub(crate) fn get(&mut self, call: &DitCall) -> &mut S {
-        self.0.entry((call.branch, call.expert)).or_default()
+    /// The state of `call`'s context, and the counters to record the call in.
+    pub(crate) fn context(&mut self, call: &DitCall) -> (&mut S, &mut CacheStats) {
+        let state = self.contexts.entry((call.branch, call.expert)).or_default();
+        (state, &mut self.stats)
     }
 
-    pub(crate) fn clear(&mut self) {
-        self.0.clear()
+    pub(crate) fn stats(&self) -> CacheStats {
+        self.stats
+    }
+
+    /// Forgets every context and zeroes the counters.
+    pub(crate) fn reset(&mut self) {
+        self.contexts.clear();
+        self.stats = CacheStats::default();
     }
 }
 

@@ -1,7 +1,7 @@
 //! Pyramid Attention Broadcast (Chitu's `flexcache/strategy/pab.py`).
 
 use crate::config::{PabConfig, Window};
-use crate::{CachePolicy, CacheStats, Contexts, DitCall};
+use crate::{CachePolicy, CacheStats, Core, DitCall};
 use burn::tensor::{backend::Backend, Tensor};
 use chitu_dit::{BlockHook, BlockPart, DitError, WanTransformer};
 use std::collections::HashMap;
@@ -15,10 +15,7 @@ pub fn pab_computes(config: &PabConfig, part: BlockPart, step: usize, num_steps:
         BlockPart::CrossAttn => config.skip_cross_range,
         BlockPart::Ffn => return true,
     };
-    let window = Window {
-        warmup: config.warmup,
-        cooldown: config.cooldown,
-    };
+    let window = Window::new(config.warmup, config.cooldown);
     window.forces(step, num_steps) || range <= 1 || (step - config.warmup).is_multiple_of(range)
 }
 
@@ -28,16 +25,14 @@ type Stored<B> = HashMap<(usize, BlockPart), Tensor<B, 3>>;
 /// PAB: reuses each block's self- and cross-attention output between scheduled recomputes.
 pub struct Pab<B: Backend> {
     config: PabConfig,
-    contexts: Contexts<Stored<B>>,
-    stats: CacheStats,
+    core: Core<Stored<B>>,
 }
 
 impl<B: Backend> Pab<B> {
     pub fn new(config: PabConfig) -> Self {
         Self {
             config,
-            contexts: Contexts::new(),
-            stats: CacheStats::default(),
+            core: Core::new(),
         }
     }
 }
@@ -78,25 +73,25 @@ impl<B: Backend> CachePolicy<B> for Pab<B> {
         timestep: f64,
         context: Tensor<B, 3>,
     ) -> Result<Tensor<B, 5>, DitError> {
+        let (stored, stats) = self.core.context(&call);
         let mut hook = Hook {
             config: &self.config,
-            stored: self.contexts.get(&call),
+            stored,
             call,
             reused: 0,
         };
         let out = model.forward_with(x, &[timestep], context, &model.config.attention, &mut hook)?;
         let reused = hook.reused;
-        self.stats.record(model.blocks.len(), 0, reused);
+        stats.record(model.blocks.len(), 0, reused);
         Ok(out)
     }
 
     fn stats(&self) -> CacheStats {
-        self.stats
+        self.core.stats()
     }
 
     fn reset(&mut self) {
-        self.contexts.clear();
-        self.stats = CacheStats::default();
+        self.core.reset()
     }
 }
 

@@ -1,7 +1,7 @@
 //! TaylorSeer (diffusers' `hooks/taylorseer_cache.py`), on every attention and FFN output.
 
 use crate::config::{TaylorSeerConfig, Window};
-use crate::{CachePolicy, CacheStats, Contexts, DitCall};
+use crate::{CachePolicy, CacheStats, Core, DitCall};
 use burn::tensor::{backend::Backend, Tensor};
 use chitu_dit::{BlockHook, BlockPart, DitError, WanTransformer};
 use std::collections::HashMap;
@@ -10,10 +10,7 @@ use std::collections::HashMap;
 /// window, and then at steps `warmup + 1 + k * cache_interval`, as diffusers schedules it (so the
 /// step right after the warmup is already forecast).
 pub fn taylorseer_computes(config: &TaylorSeerConfig, step: usize, num_steps: usize) -> bool {
-    let window = Window {
-        warmup: config.warmup,
-        cooldown: config.cooldown,
-    };
+    let window = Window::new(config.warmup, config.cooldown);
     let phase = step as i64 - config.warmup as i64 - 1;
     window.forces(step, num_steps) || phase.rem_euclid(config.cache_interval as i64) == 0
 }
@@ -38,16 +35,14 @@ impl<B: Backend> Default for State<B> {
 /// output as `sum_k f_k * offset^k / k!` from the factors of the last computes.
 pub struct TaylorSeer<B: Backend> {
     config: TaylorSeerConfig,
-    contexts: Contexts<State<B>>,
-    stats: CacheStats,
+    core: Core<State<B>>,
 }
 
 impl<B: Backend> TaylorSeer<B> {
     pub fn new(config: TaylorSeerConfig) -> Self {
         Self {
             config,
-            contexts: Contexts::new(),
-            stats: CacheStats::default(),
+            core: Core::new(),
         }
     }
 }
@@ -107,7 +102,7 @@ impl<B: Backend> CachePolicy<B> for TaylorSeer<B> {
         timestep: f64,
         context: Tensor<B, 3>,
     ) -> Result<Tensor<B, 5>, DitError> {
-        let state = self.contexts.get(&call);
+        let (state, stats) = self.core.context(&call);
         // A context's first call has nothing to forecast from (a later expert starting mid-run).
         let compute = taylorseer_computes(&self.config, call.step, call.num_steps) || state.last_step.is_none();
         let mut hook = Hook {
@@ -122,17 +117,16 @@ impl<B: Backend> CachePolicy<B> for TaylorSeer<B> {
         if compute {
             state.last_step = Some(call.step);
         }
-        self.stats.record(model.blocks.len(), 0, forecast);
+        stats.record(model.blocks.len(), 0, forecast);
         Ok(out)
     }
 
     fn stats(&self) -> CacheStats {
-        self.stats
+        self.core.stats()
     }
 
     fn reset(&mut self) {
-        self.contexts.clear();
-        self.stats = CacheStats::default();
+        self.core.reset()
     }
 }
 

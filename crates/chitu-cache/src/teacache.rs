@@ -1,7 +1,7 @@
 //! TeaCache (Chitu's `flexcache/strategy/teacache.py`, after TeaCache4Wan2.1).
 
 use crate::config::{polyval, TeaCacheConfig, TeaCacheMode, Window};
-use crate::{relative_l1, CachePolicy, CacheStats, Contexts, DitCall};
+use crate::{relative_l1, CachePolicy, CacheStats, Core, DitCall};
 use burn::tensor::{backend::Backend, Tensor};
 use chitu_dit::{DitError, NoHook, WanTransformer};
 
@@ -27,16 +27,14 @@ impl<B: Backend> Default for State<B> {
 /// the timestep signal stays below the threshold, adding the last stored residual instead.
 pub struct TeaCache<B: Backend> {
     config: TeaCacheConfig,
-    contexts: Contexts<State<B>>,
-    stats: CacheStats,
+    core: Core<State<B>>,
 }
 
 impl<B: Backend> TeaCache<B> {
     pub fn new(config: TeaCacheConfig) -> Self {
         Self {
             config,
-            contexts: Contexts::new(),
-            stats: CacheStats::default(),
+            core: Core::new(),
         }
     }
 }
@@ -59,14 +57,11 @@ impl<B: Backend> CachePolicy<B> for TeaCache<B> {
             TeaCacheMode::RetSteps => e.inputs.e0.clone().flatten(1, 2),
             TeaCacheMode::Default => e.temb.clone(),
         };
-        let window = Window {
-            warmup: self.config.warmup,
-            cooldown: self.config.cooldown,
-        };
+        let window = Window::new(self.config.warmup, self.config.cooldown);
         let forced = window.forces(call.step, call.num_steps);
         let coefficients = self.config.coefficients_for(&model.config);
         let threshold = self.config.threshold;
-        let state = self.contexts.get(&call);
+        let (state, stats) = self.core.context(&call);
 
         let reuse = if forced {
             state.accumulated = 0.0;
@@ -99,7 +94,7 @@ impl<B: Backend> CachePolicy<B> for TeaCache<B> {
 
         let num_blocks = model.blocks.len();
         let tokens = if let Some(residual) = reuse {
-            self.stats.record(num_blocks, num_blocks, 0);
+            stats.record(num_blocks, num_blocks, 0);
             e.tokens + residual
         } else {
             let out = model.forward_blocks(
@@ -110,18 +105,17 @@ impl<B: Backend> CachePolicy<B> for TeaCache<B> {
                 &mut NoHook,
             );
             state.residual = Some(out.clone() - e.tokens);
-            self.stats.record(num_blocks, 0, 0);
+            stats.record(num_blocks, 0, 0);
             out
         };
         Ok(model.head(tokens, e.temb, e.grid))
     }
 
     fn stats(&self) -> CacheStats {
-        self.stats
+        self.core.stats()
     }
 
     fn reset(&mut self) {
-        self.contexts.clear();
-        self.stats = CacheStats::default();
+        self.core.reset()
     }
 }
