@@ -61,13 +61,13 @@ def workload(name, root, repo):
         mask = torch.ones_like(ids)
         return lambda: enc(input_ids=ids, attention_mask=mask).last_hidden_state
     if name == "pipeline":
-        pipe = WanPipeline.from_pretrained(os.path.join(repo, "tests/fixtures/parity/models/wan21"))
+        # The pipeline_t2v_wan21 case's request at 10 steps, as examples/bench_compare.rs runs it.
+        fixtures = os.path.join(repo, "tests/fixtures/parity")
+        with open(os.path.join(fixtures, "cases/pipeline_t2v_wan21.json")) as f:
+            params = dict(json.load(f)["params"], num_inference_steps=10)
+        pipe = WanPipeline.from_pretrained(os.path.join(fixtures, "models/wan21"))
         gen = torch.Generator().manual_seed(0)
-        return lambda: pipe(
-            prompt="A cat walking on grass", negative_prompt="blurry, low quality, static", height=32, width=32,
-            num_frames=5, num_inference_steps=10, guidance_scale=5.0, max_sequence_length=24, generator=gen,
-            output_type="np",
-        )
+        return lambda: pipe(**params, generator=gen, output_type="np")
     raise SystemExit(f"unknown workload {name}")
 
 

@@ -63,18 +63,13 @@ fn workload(name: &str, root: &Path) -> Result<Run, Box<dyn std::error::Error>> 
             })
         }
         "pipeline" => {
-            let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity/models/wan21");
-            let generator = Generator::new(DiffusionBackend::<B>::from_dir(&dir, &dev)?);
+            // The pipeline_t2v_wan21 case's request at 10 steps (bench/torch_side.py reads the same).
+            let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity");
+            let generator = Generator::new(DiffusionBackend::<B>::from_dir(fixtures.join("models/wan21"), &dev)?);
+            let case = chitu::parity::Case::load(&fixtures, "pipeline_t2v_wan21")?;
             let params = DiffusionUserParams {
-                prompt: "A cat walking on grass".into(),
-                negative_prompt: "blurry, low quality, static".into(),
-                height: 32,
-                width: 32,
-                num_frames: 5,
                 num_inference_steps: 10,
-                guidance_scale: 5.0,
-                max_sequence_length: 24,
-                ..DiffusionUserParams::default()
+                ..chitu::parity::pipeline::params(&case)?
             };
             Box::new(move || {
                 let task = generator.generate(DiffusionTask::<B>::from_user_request(params.clone())?)?;

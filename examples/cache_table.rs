@@ -97,17 +97,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
 
     let parity = Generator::new(DiffusionBackend::<B>::from_dir(&model_dir, &device)?);
-    let params = DiffusionUserParams {
-        prompt: "A cat walking on grass".into(),
-        negative_prompt: "blurry, low quality, static".into(),
-        height: 32,
-        width: 32,
-        num_frames: 5,
-        num_inference_steps: 12,
-        guidance_scale: 5.0,
-        max_sequence_length: 24,
-        ..DiffusionUserParams::default()
-    };
+    // The First Block Cache parity case's request; each row sets its own cache.
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity");
+    let case = chitu::parity::Case::load(&fixtures, "pipeline_t2v_wan21_first_block_cache")?;
+    let params = chitu::parity::pipeline::params(&case)?;
     table(&format!("{}", model_dir.display()), &parity, &params)?;
     Ok(())
 }

@@ -5,7 +5,8 @@ use super::{Case, ParityError};
 use burn::tensor::backend::Backend;
 use chitu_gen::{video_to_frames, DiffusionBackend, DiffusionTask, DiffusionUserParams, Generator};
 
-fn params(case: &Case) -> Result<DiffusionUserParams, ParityError> {
+/// The request a `pipeline` case describes: its `params`, and its `cache` when it has one.
+pub fn params(case: &Case) -> Result<DiffusionUserParams, ParityError> {
     let p = case.field("params")?;
     let get_u = |k: &str| {
         p.get(k)
