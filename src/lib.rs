@@ -5,12 +5,15 @@
 //! - [`dit`]: the Wan diffusion transformer;
 //! - [`text`]: prompt cleaning, the T5 tokenizer and the UMT5 encoder;
 //! - [`vae`]: the Wan 3D causal VAE;
+//! - [`cache`]: FlexCache feature-cache policies;
+//! - [`dist`]: CFG and Ulysses context parallelism over in-process ranks, MPI or NCCL;
 //! - [`gen`]: the Generator that runs whole pipelines.
 //!
 //! It also owns the parity runner ([`parity`]) that checks every component against reference
 //! outputs made with diffusers/transformers.
 
 pub use chitu_cache as cache;
+pub use chitu_dist as dist;
 pub use chitu_dit as dit;
 pub use chitu_gen as gen;
 pub use chitu_sched as sched;

@@ -1,9 +1,9 @@
 //! First Block Cache (diffusers' `hooks/first_block_cache.py`).
 
 use crate::config::{FirstBlockCacheConfig, Window};
-use crate::{relative_l1, CachePolicy, CacheStats, Core, DitCall};
+use crate::{CachePolicy, CacheStats, Core, DitCall};
 use burn::tensor::{backend::Backend, Tensor};
-use chitu_dit::{DitError, NoHook, WanTransformer};
+use chitu_dit::{DitError, DitRunner, NoHook};
 
 /// State of one (branch, expert) context.
 struct State<B: Backend> {
@@ -46,27 +46,27 @@ impl<B: Backend> CachePolicy<B> for FirstBlockCache<B> {
 
     fn forward(
         &mut self,
-        model: &WanTransformer<B>,
+        dit: &DitRunner<B>,
         call: DitCall,
         x: Tensor<B, 5>,
         timestep: f64,
         context: Tensor<B, 3>,
     ) -> Result<Tensor<B, 5>, DitError> {
-        let e = model.embed(x, &[timestep], context)?;
-        let attn = &model.config.attention;
-        let num_blocks = model.blocks.len();
+        let e = dit.embed(x, &[timestep], context)?;
+        let num_blocks = dit.num_blocks();
         let window = Window::new(self.config.warmup, self.config.cooldown);
-        let head_out = model.forward_blocks(e.tokens.clone(), &e.inputs, 0..1.min(num_blocks), attn, &mut NoHook);
-        let head_residual = head_out.clone() - e.tokens;
+        let head_out = dit.blocks(e.tokens.clone(), &e.inputs, 0..1.min(num_blocks), &mut NoHook);
+        let head_residual = head_out.clone() - e.tokens.clone();
         let (state, stats) = self.core.context(&call);
 
+        // Every rank of a sharded run measures the whole sequence, so all take the same branch.
         let skip = !window.forces(call.step, call.num_steps)
             && self.config.threshold > 0.0
             && num_blocks > 1
             && match (&state.head_residual, &state.tail_residual) {
-                (Some(prev), Some(_)) => {
-                    relative_l1(head_residual.clone(), prev.clone()).is_some_and(|d| d <= self.config.threshold)
-                }
+                (Some(prev), Some(_)) => dit
+                    .relative_l1(head_residual.clone(), prev.clone(), &e)?
+                    .is_some_and(|d| d <= self.config.threshold),
                 _ => false,
             };
 
@@ -76,14 +76,14 @@ impl<B: Backend> CachePolicy<B> for FirstBlockCache<B> {
                 head_out + tail.clone()
             }
             _ => {
-                let out = model.forward_blocks(head_out.clone(), &e.inputs, 1..num_blocks, attn, &mut NoHook);
+                let out = dit.blocks(head_out.clone(), &e.inputs, 1..num_blocks, &mut NoHook);
                 state.head_residual = Some(head_residual);
                 state.tail_residual = Some(out.clone() - head_out);
                 stats.record(num_blocks, 0, 0);
                 out
             }
         };
-        Ok(model.head(tokens, e.temb, e.grid))
+        dit.head(tokens, &e)
     }
 
     fn stats(&self) -> CacheStats {

@@ -1,8 +1,9 @@
 //! FlexCache: feature-cache policies for the Wan DiT.
 //!
 //! A [`CachePolicy`] runs one DiT call and decides what to compute and what to reuse. It sees the
-//! model in pieces ([`WanTransformer::embed`], [`WanTransformer::forward_blocks`],
-//! [`WanTransformer::head`]) and each sub-layer through a [`chitu_dit::BlockHook`]. Every policy keeps
+//! model in pieces through a [`DitRunner`] ([`DitRunner::embed`], [`DitRunner::blocks`],
+//! [`DitRunner::head`]), on one device or sharded over a context-parallel group, and each
+//! sub-layer through a [`chitu_dit::BlockHook`]. Every policy keeps
 //! separate state per CFG branch and per expert ([`DitCall`]), always computes the steps of its
 //! warmup and cooldown [`Window`], and counts its work in [`CacheStats`].
 //!
@@ -22,7 +23,7 @@
 //! # let (latents, text) = (burn::tensor::Tensor::zeros([1, 16, 2, 4, 4], &device), burn::tensor::Tensor::zeros([1, 8, 32], &device));
 //! let mut cache = chitu_cache::build::<Flex>(&CacheConfig::parse("teacache")?)?;
 //! let call = DitCall { step: 0, num_steps: 50, branch: Branch::Cond, expert: 0 };
-//! let velocity = cache.forward(&dit, call, latents, 999.0, text)?;
+//! let velocity = cache.forward(&chitu_dit::DitRunner::local(&dit), call, latents, 999.0, text)?;
 //! println!("{:?}", cache.stats());
 //! # Ok(()) }
 //! ```
@@ -43,7 +44,7 @@ pub use taylorseer::{taylorseer_computes, TaylorSeer};
 pub use teacache::TeaCache;
 
 use burn::tensor::{backend::Backend, ElementConversion, Tensor};
-use chitu_dit::{DitError, WanTransformer};
+use chitu_dit::{DitError, DitRunner};
 use std::collections::HashMap;
 
 /// Errors of the cache crate.
@@ -132,11 +133,11 @@ pub trait CachePolicy<B: Backend>: Send {
     /// The policy's name.
     fn name(&self) -> &'static str;
 
-    /// The velocity of `model` for latents `x` `[1, C, F, H, W]` at `timestep` with text states
+    /// The velocity of the model `dit` runs for latents `x` `[1, C, F, H, W]` at `timestep` with text states
     /// `context`, computing only what the policy decides for `call`.
     fn forward(
         &mut self,
-        model: &WanTransformer<B>,
+        dit: &DitRunner<B>,
         call: DitCall,
         x: Tensor<B, 5>,
         timestep: f64,

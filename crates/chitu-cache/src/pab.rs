@@ -3,7 +3,7 @@
 use crate::config::{PabConfig, Window};
 use crate::{CachePolicy, CacheStats, Core, DitCall};
 use burn::tensor::{backend::Backend, Tensor};
-use chitu_dit::{BlockHook, BlockPart, DitError, WanTransformer};
+use chitu_dit::{BlockHook, BlockPart, DitError, DitRunner};
 use std::collections::HashMap;
 
 /// Whether PAB computes `part` at `step` of `num_steps`: always inside the warmup/cooldown window,
@@ -67,7 +67,7 @@ impl<B: Backend> CachePolicy<B> for Pab<B> {
 
     fn forward(
         &mut self,
-        model: &WanTransformer<B>,
+        dit: &DitRunner<B>,
         call: DitCall,
         x: Tensor<B, 5>,
         timestep: f64,
@@ -80,9 +80,9 @@ impl<B: Backend> CachePolicy<B> for Pab<B> {
             call,
             reused: 0,
         };
-        let out = model.forward_with(x, &[timestep], context, &model.config.attention, &mut hook)?;
+        let out = dit.forward(x, &[timestep], context, &mut hook)?;
         let reused = hook.reused;
-        stats.record(model.blocks.len(), 0, reused);
+        stats.record(dit.num_blocks(), 0, reused);
         Ok(out)
     }
 

@@ -3,7 +3,7 @@
 use crate::config::{TaylorSeerConfig, Window};
 use crate::{CachePolicy, CacheStats, Core, DitCall};
 use burn::tensor::{backend::Backend, Tensor};
-use chitu_dit::{BlockHook, BlockPart, DitError, WanTransformer};
+use chitu_dit::{BlockHook, BlockPart, DitError, DitRunner};
 use std::collections::HashMap;
 
 /// Whether TaylorSeer runs a full compute at `step` of `num_steps`: inside the warmup/cooldown
@@ -96,7 +96,7 @@ impl<B: Backend> CachePolicy<B> for TaylorSeer<B> {
 
     fn forward(
         &mut self,
-        model: &WanTransformer<B>,
+        dit: &DitRunner<B>,
         call: DitCall,
         x: Tensor<B, 5>,
         timestep: f64,
@@ -112,12 +112,12 @@ impl<B: Backend> CachePolicy<B> for TaylorSeer<B> {
             compute,
             forecast: 0,
         };
-        let out = model.forward_with(x, &[timestep], context, &model.config.attention, &mut hook)?;
+        let out = dit.forward(x, &[timestep], context, &mut hook)?;
         let forecast = hook.forecast;
         if compute {
             state.last_step = Some(call.step);
         }
-        stats.record(model.blocks.len(), 0, forecast);
+        stats.record(dit.num_blocks(), 0, forecast);
         Ok(out)
     }
 

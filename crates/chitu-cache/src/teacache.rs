@@ -3,7 +3,7 @@
 use crate::config::{polyval, TeaCacheConfig, TeaCacheMode, Window};
 use crate::{relative_l1, CachePolicy, CacheStats, Core, DitCall};
 use burn::tensor::{backend::Backend, Tensor};
-use chitu_dit::{DitError, NoHook, WanTransformer};
+use chitu_dit::{DitError, DitRunner, NoHook};
 
 /// State of one (branch, expert) context.
 struct State<B: Backend> {
@@ -46,20 +46,20 @@ impl<B: Backend> CachePolicy<B> for TeaCache<B> {
 
     fn forward(
         &mut self,
-        model: &WanTransformer<B>,
+        dit: &DitRunner<B>,
         call: DitCall,
         x: Tensor<B, 5>,
         timestep: f64,
         context: Tensor<B, 3>,
     ) -> Result<Tensor<B, 5>, DitError> {
-        let e = model.embed(x, &[timestep], context)?;
+        let e = dit.embed(x, &[timestep], context)?;
         let signal: Tensor<B, 2> = match self.config.mode {
             TeaCacheMode::RetSteps => e.inputs.e0.clone().flatten(1, 2),
             TeaCacheMode::Default => e.temb.clone(),
         };
         let window = Window::new(self.config.warmup, self.config.cooldown);
         let forced = window.forces(call.step, call.num_steps);
-        let coefficients = self.config.coefficients_for(&model.config);
+        let coefficients = self.config.coefficients_for(dit.config());
         let threshold = self.config.threshold;
         let (state, stats) = self.core.context(&call);
 
@@ -92,23 +92,17 @@ impl<B: Backend> CachePolicy<B> for TeaCache<B> {
         };
         state.previous_signal = Some(signal);
 
-        let num_blocks = model.blocks.len();
+        let num_blocks = dit.num_blocks();
         let tokens = if let Some(residual) = reuse {
             stats.record(num_blocks, num_blocks, 0);
-            e.tokens + residual
+            e.tokens.clone() + residual
         } else {
-            let out = model.forward_blocks(
-                e.tokens.clone(),
-                &e.inputs,
-                0..num_blocks,
-                &model.config.attention,
-                &mut NoHook,
-            );
-            state.residual = Some(out.clone() - e.tokens);
+            let out = dit.blocks(e.tokens.clone(), &e.inputs, 0..num_blocks, &mut NoHook);
+            state.residual = Some(out.clone() - e.tokens.clone());
             stats.record(num_blocks, 0, 0);
             out
         };
-        Ok(model.head(tokens, e.temb, e.grid))
+        dit.head(tokens, &e)
     }
 
     fn stats(&self) -> CacheStats {

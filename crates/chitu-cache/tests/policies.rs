@@ -7,7 +7,7 @@ use chitu_cache::{
     build, pab_computes, Branch, CacheConfig, CachePolicy, DitCall, FirstBlockCacheConfig, PabConfig, TaylorSeerConfig,
     TeaCacheConfig,
 };
-use chitu_dit::{BlockPart, WanDitConfig, WanTransformer};
+use chitu_dit::{BlockPart, DitRunner, WanDitConfig, WanTransformer};
 
 type B = Flex;
 
@@ -68,7 +68,7 @@ fn drive(policy: &mut dyn CachePolicy<B>, model: &WanTransformer<B>, run: &Run) 
         for (branch, ctx) in [(Branch::Cond, &run.cond), (Branch::Uncond, &run.uncond)] {
             let out = policy
                 .forward(
-                    model,
+                    &DitRunner::local(model),
                     call(step, branch),
                     run.latents[step].clone(),
                     run.timesteps[step],
@@ -189,7 +189,7 @@ fn state_is_kept_per_branch_and_per_expert() {
                 };
                 policy
                     .forward(
-                        &model,
+                        &DitRunner::local(&model),
                         c,
                         run.latents[step].clone(),
                         run.timesteps[step],

@@ -3,6 +3,7 @@
 use crate::attention::AttentionOp;
 use crate::embed::RopeTables;
 use crate::layers::{affine_layer_norm, layer_norm, linear, modulate, FeedForward, WanAttention};
+use crate::parallel::SeqShard;
 use crate::WanDitConfig;
 use burn::module::{Module, Param};
 use burn::nn::{Initializer, LayerNorm};
@@ -45,6 +46,9 @@ pub struct BlockInputs<B: Backend> {
     pub context: Tensor<B, 3>,
     /// RoPE angles of the tokens this call holds.
     pub rope: RopeTables<B>,
+    /// Set when the tokens are one rank's share of a sequence-parallel run: self-attention then
+    /// goes through Ulysses all-to-alls.
+    pub shard: Option<SeqShard<B>>,
 }
 
 /// A Wan transformer block (diffusers' `WanTransformerBlock`).
@@ -95,8 +99,11 @@ impl<B: Backend> WanBlock<B> {
         let (c_shift, c_scale, c_gate) = (m(3), m(4), m(5));
 
         let normed = modulate(layer_norm(x.clone(), self.eps), shift, scale);
-        let sa = hook.part(index, BlockPart::SelfAttn, &mut || {
-            self.attn1.forward(normed.clone(), None, Some(&inputs.rope), attn)
+        let sa = hook.part(index, BlockPart::SelfAttn, &mut || match &inputs.shard {
+            Some(shard) => self
+                .attn1
+                .forward(normed.clone(), None, Some(&inputs.rope), &shard.ulysses(attn)),
+            None => self.attn1.forward(normed.clone(), None, Some(&inputs.rope), attn),
         });
         let x = x + sa * gate;
 

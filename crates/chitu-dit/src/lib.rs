@@ -24,6 +24,7 @@ pub mod embed;
 mod layers;
 mod load;
 mod model;
+mod parallel;
 
 pub use attention::{AttentionKind, AttentionOp};
 pub use block::{BlockHook, BlockInputs, BlockPart, NoHook, WanBlock};
@@ -32,6 +33,7 @@ pub use config::WanDitConfig;
 pub use layers::{layer_norm, modulate};
 pub use load::CheckpointLayout;
 pub use model::{Embedded, WanTransformer, ROPE_THETA};
+pub use parallel::{DitRunner, SeqParallel, SeqShard};
 
 /// Errors from building, loading or running the DiT.
 #[derive(Debug, thiserror::Error)]
@@ -48,4 +50,7 @@ pub enum DitError {
     /// An input has the wrong shape.
     #[error("bad DiT input: {0}")]
     Shape(String),
+    /// A collective of a sequence-parallel run failed (a dead or stuck rank).
+    #[error("context parallelism: {0}")]
+    Parallel(String),
 }

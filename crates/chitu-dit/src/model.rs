@@ -109,6 +109,21 @@ impl<B: Backend> WanTransformer<B> {
     /// Patch embedding, time and text conditioning, and the RoPE tables of all tokens.
     /// `timesteps` holds one value per batch row.
     pub fn embed(&self, x: Tensor<B, 5>, timesteps: &[f64], context: Tensor<B, 3>) -> Result<Embedded<B>, DitError> {
+        let (tokens, mut e) = self.embed_without_rope(x, timesteps, context)?;
+        let seq = e.grid.iter().product();
+        e.inputs.rope = RopeTables::new(e.grid, self.config.head_dim, ROPE_THETA, 0..seq, &tokens.device());
+        e.tokens = tokens;
+        Ok(e)
+    }
+
+    /// [`WanTransformer::embed`] with empty tokens and RoPE tables, returning the tokens apart:
+    /// a sharded run keeps only its own.
+    pub(crate) fn embed_without_rope(
+        &self,
+        x: Tensor<B, 5>,
+        timesteps: &[f64],
+        context: Tensor<B, 3>,
+    ) -> Result<(Tensor<B, 3>, Embedded<B>), DitError> {
         let grid = self.check_inputs(&x.dims(), timesteps.len(), &context.dims())?;
         let device = x.device();
         let [b, _, _, _, _] = x.dims();
@@ -123,14 +138,19 @@ impl<B: Backend> WanTransformer<B> {
             .forward(silu(temb.clone()))
             .reshape([b, 6, dim]);
         let context = self.condition_embedder.text_embedder.forward(context);
-        let seq = grid.iter().product();
-        let rope = RopeTables::new(grid, self.config.head_dim, ROPE_THETA, 0..seq, &device);
-        Ok(Embedded {
-            tokens,
+        let rope = RopeTables::new(grid, self.config.head_dim, ROPE_THETA, 0..0, &device);
+        let embedded = Embedded {
+            tokens: Tensor::empty([b, 0, dim], &device),
             temb,
-            inputs: BlockInputs { e0, context, rope },
+            inputs: BlockInputs {
+                e0,
+                context,
+                rope,
+                shard: None,
+            },
             grid,
-        })
+        };
+        Ok((tokens, embedded))
     }
 
     /// Runs blocks `range` on `x`, letting `hook` reuse or replace sub-layer outputs.

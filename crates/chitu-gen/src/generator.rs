@@ -4,9 +4,12 @@
 use crate::{DiffusionBackend, DiffusionUserParams, GenError};
 use burn::tensor::{backend::Backend, ElementConversion, Tensor, TensorData};
 use chitu_cache::{Branch, CachePolicy, CacheStats, DitCall};
+use chitu_dist::{Mesh, TensorComm, UlyssesGroup};
+use chitu_dit::{DitRunner, SeqParallel, WanTransformer};
 use chitu_sched::Scheduler;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Where a task is in the pipeline.
@@ -115,6 +118,14 @@ pub struct Generator<B: Backend> {
     pub backend: DiffusionBackend<B>,
     /// Check latents for NaN/Inf after every step (on by default).
     pub check_nan_enabled: bool,
+    parallel: Option<Parallel<B>>,
+}
+
+/// This rank's place in a parallel run.
+struct Parallel<B: Backend> {
+    mesh: Mesh,
+    /// The context-parallel group as the DiT's sequence-parallel seam.
+    seq: Arc<dyn SeqParallel<B>>,
 }
 
 impl<B: Backend> Generator<B> {
@@ -122,6 +133,44 @@ impl<B: Backend> Generator<B> {
         Self {
             backend,
             check_nan_enabled: true,
+            parallel: None,
+        }
+    }
+
+    /// Runs as one rank of `mesh`: every rank of the mesh must build its own generator and run
+    /// the same requests. With `cfg = 2` the two guidance branches run on the two ranks of each
+    /// CFG pair; with `cp > 1` the DiT's tokens are split over the CP group (Ulysses). Latents
+    /// stay identical on every rank; only the mesh's output rank decodes the video.
+    pub fn with_mesh(mut self, mesh: Mesh) -> Self {
+        let seq: Arc<dyn SeqParallel<B>> = Arc::new(UlyssesGroup::<B>::new(mesh.cp.clone()));
+        self.parallel = (mesh.layout.world() > 1).then_some(Parallel { mesh, seq });
+        self
+    }
+
+    /// The mesh this generator runs in, when parallel.
+    pub fn mesh(&self) -> Option<&Mesh> {
+        self.parallel.as_ref().map(|p| &p.mesh)
+    }
+
+    /// Whether this rank decodes and writes the video (always, without a mesh).
+    pub fn is_output_rank(&self) -> bool {
+        self.mesh().is_none_or(|m| m.is_output_rank())
+    }
+
+    /// The one guidance branch this rank runs under CFG parallelism, for a request with guidance.
+    fn cfg_branch(&self, params: &DiffusionUserParams) -> Option<Branch> {
+        let mesh = self.mesh()?;
+        (mesh.layout.cfg == 2 && params.cfg()).then(|| match mesh.cfg.rank() {
+            0 => Branch::Cond,
+            _ => Branch::Uncond,
+        })
+    }
+
+    /// The DiT runner of `model` on this rank: local, or sharded over the CP group.
+    fn runner<'a>(&'a self, model: &'a WanTransformer<B>) -> DitRunner<'a, B> {
+        match &self.parallel {
+            Some(p) if p.mesh.layout.cp > 1 => DitRunner::sharded(model, p.seq.clone()),
+            _ => DitRunner::local(model),
         }
     }
 
@@ -205,13 +254,11 @@ impl<B: Backend> Generator<B> {
             .get(expert)
             .ok_or_else(|| GenError::Params(format!("the model pool has no model {expert}")))?;
         let latents = buf.latents.take().ok_or_else(|| GenError::Stage("no latents".into()))?;
-        let cond = buf
-            .cond
-            .clone()
-            .ok_or_else(|| GenError::Stage("no prompt embeddings".into()))?;
         let num_steps = task.params.num_inference_steps;
         let cache = &mut task.cache;
-        let mut run = |ctx: Tensor<B, 3>, branch: Branch| {
+        let runner = self.runner(model);
+        let mut run = |ctx: Option<Tensor<B, 3>>, branch: Branch| {
+            let ctx = ctx.ok_or_else(|| GenError::Stage(format!("no {branch:?} text embeddings")))?;
             let call = DitCall {
                 step,
                 num_steps,
@@ -219,16 +266,37 @@ impl<B: Backend> Generator<B> {
                 expert,
             };
             match cache {
-                Some(policy) => policy.forward(model, call, latents.clone(), t, ctx),
-                None => model.forward(latents.clone(), &[t], ctx),
+                Some(policy) => policy.forward(&runner, call, latents.clone(), t, ctx),
+                None => runner.forward(latents.clone(), &[t], ctx, &mut chitu_dit::NoHook),
             }
             .map_err(|e| GenError::Stage(format!("denoise step {step}: {e}")))
         };
-        let mut velocity = run(cond, Branch::Cond)?;
-        if let Some(uncond) = buf.uncond.clone() {
-            let v_uncond = run(uncond, Branch::Uncond)?;
-            velocity = v_uncond.clone() + (velocity - v_uncond).mul_scalar(guidance as f32);
-        }
+        let velocity = match self.cfg_branch(&task.params) {
+            // CFG parallel: this rank's branch, then both predictions on both ranks of the pair.
+            Some(branch) => {
+                let ctx = match branch {
+                    Branch::Cond => buf.cond.clone(),
+                    Branch::Uncond => buf.uncond.clone(),
+                };
+                let mine = run(ctx, branch)?;
+                let pair = &self.mesh().expect("a CFG branch implies a mesh").cfg;
+                let both = pair
+                    .all_gather(mine, 0)
+                    .map_err(|e| GenError::Parallel(format!("denoise step {step}: gathering the CFG branches: {e}")))?;
+                let (v_cond, v_uncond) = (both.clone().narrow(0, 0, 1), both.narrow(0, 1, 1));
+                v_uncond.clone() + (v_cond - v_uncond).mul_scalar(guidance as f32)
+            }
+            None => {
+                let v_cond = run(buf.cond.clone(), Branch::Cond)?;
+                match buf.uncond.clone() {
+                    Some(uncond) => {
+                        let v_uncond = run(Some(uncond), Branch::Uncond)?;
+                        v_uncond.clone() + (v_cond - v_uncond).mul_scalar(guidance as f32)
+                    }
+                    None => v_cond,
+                }
+            }
+        };
         let next = sched
             .step(velocity, t, latents)
             .map_err(|e| GenError::Stage(format!("scheduler step {step}: {e}")))?;
@@ -262,8 +330,12 @@ impl<B: Backend> Generator<B> {
         match task.stage {
             Stage::TextEncode => {
                 let p = &task.params;
-                task.buffer.cond = Some(self.encode_text(&p.prompt, p.max_sequence_length)?);
-                if p.cfg() {
+                // Under CFG parallelism each rank encodes only the prompt of its own branch.
+                let branch = self.cfg_branch(p);
+                if branch != Some(Branch::Uncond) {
+                    task.buffer.cond = Some(self.encode_text(&p.prompt, p.max_sequence_length)?);
+                }
+                if p.cfg() && branch != Some(Branch::Cond) {
                     task.buffer.uncond = Some(self.encode_text(&p.negative_prompt, p.max_sequence_length)?);
                 }
                 task.buffer.scheduler = Some(self.scheduler(p)?);
@@ -289,6 +361,10 @@ impl<B: Backend> Generator<B> {
                 if task.buffer.current_step == task.params.num_inference_steps {
                     task.stage = Stage::VaeDecode;
                 }
+            }
+            Stage::VaeDecode if !self.is_output_rank() => {
+                // The video is decoded and written once, by the output rank.
+                task.stage = Stage::Done;
             }
             Stage::VaeDecode => {
                 let latents = task

@@ -44,6 +44,9 @@ pub enum GenError {
         "out of device memory in {stage}: {detail}; try --low-mem 1 (tiled VAE decode), fewer frames or a smaller size"
     )]
     OutOfMemory { stage: String, detail: String },
+    /// A collective of a parallel run failed (a dead or stuck rank, a bad layout).
+    #[error("parallel run: {0}")]
+    Parallel(String),
     /// Latents became NaN or infinite.
     #[error("NaN or Inf detected in {0}")]
     NonFinite(String),
