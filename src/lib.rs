@@ -33,3 +33,17 @@ pub type DefaultBackend = burn_cuda::Cuda;
 pub fn default_device() -> burn::tensor::Device<DefaultBackend> {
     Default::default()
 }
+
+/// The device of rank `index` in a multi-device run: CUDA device `index` (modulo the devices on
+/// the node is the launcher's business), or the CPU for `burn-flex`.
+pub fn rank_device(index: usize) -> burn::tensor::Device<DefaultBackend> {
+    #[cfg(feature = "cuda")]
+    {
+        burn_cuda::CudaDevice::new(index)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = index;
+        Default::default()
+    }
+}

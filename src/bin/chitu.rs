@@ -1,14 +1,16 @@
 //! `chitu generate`: text to video with a Wan model folder, or with the embedded tiny model.
 
 use chitu::cache::CacheConfig;
+use chitu::dist::{run_local_with, Communicator, Layout, Mesh};
 use chitu::gen::output::{output_stem, sidecar, write_contact_sheet, write_frame_pngs, write_mp4, RgbFrames};
 use chitu::gen::{video_to_frames, DiffusionBackend, DiffusionTask, DiffusionUserParams, Generator, Stage};
 use chitu::sched::SolverKind;
-use chitu::{default_device, DefaultBackend as B};
+use chitu::{default_device, rank_device, DefaultBackend as B};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(name = "chitu", version, about = "Wan text-to-video inference in Rust")]
@@ -74,10 +76,80 @@ struct GenerateArgs {
     /// Also write one PNG per frame.
     #[arg(long)]
     png_frames: bool,
+    /// 2 runs the two guidance branches on two ranks (ranks i and i + W/2 form a pair).
+    #[arg(long)]
+    cfg_parallel: Option<usize>,
+    /// Ranks sharing one sequence (Ulysses context parallelism).
+    #[arg(long)]
+    cp: Option<usize>,
+    /// Seconds a rank waits for a peer before failing the run.
+    #[arg(long, default_value_t = 600)]
+    rank_timeout: u64,
+    /// Move collectives over NCCL between GPUs (builds with `--features nccl`).
+    #[arg(long)]
+    nccl: bool,
 }
 
-fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let device = default_device();
+type AnyError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Runs one rank per device: under `mpirun` this process is one rank of the MPI world;
+/// otherwise `--cfg-parallel x --cp` ranks run as threads of this process.
+fn run(args: GenerateArgs) -> Result<(), AnyError> {
+    let timeout = std::time::Duration::from_secs(args.rank_timeout);
+    #[cfg(feature = "mpi")]
+    if chitu::dist::MpiComm::launched() {
+        let world = Arc::new(chitu::dist::MpiComm::init(timeout)?);
+        let layout = Layout::infer(world.world_size(), args.cfg_parallel, args.cp);
+        let result = layout
+            .map_err(AnyError::from)
+            .and_then(|layout| run_rank(&args, Some((world.clone(), layout))));
+        if let Err(e) = result {
+            eprintln!("error on rank {}: {e}", world.rank());
+            // The other processes must not wait for this one.
+            world.abort(1);
+        }
+        return Ok(());
+    }
+    let layout = Layout::new(args.cfg_parallel.unwrap_or(1), args.cp.unwrap_or(1))?;
+    if layout.world() == 1 {
+        return run_rank(&args, None);
+    }
+    eprintln!(
+        "running {} in-process ranks (cfg {} x cp {})",
+        layout.world(),
+        layout.cfg,
+        layout.cp
+    );
+    run_local_with(layout.world(), timeout, |world| run_rank(&args, Some((world, layout))))?;
+    Ok(())
+}
+
+/// The world this rank's collectives use: the launcher's, or NCCL between the GPUs.
+fn collective_world(args: &GenerateArgs, world: Arc<dyn Communicator>) -> Result<Arc<dyn Communicator>, AnyError> {
+    if !args.nccl {
+        return Ok(world);
+    }
+    #[cfg(feature = "nccl")]
+    {
+        Ok(Arc::new(chitu::dist::NcclComm::new(world.as_ref(), world.rank())?))
+    }
+    #[cfg(not(feature = "nccl"))]
+    {
+        let _ = world;
+        Err("--nccl needs a build with `--features nccl`".into())
+    }
+}
+
+fn run_rank(args: &GenerateArgs, parallel: Option<(Arc<dyn Communicator>, Layout)>) -> Result<(), AnyError> {
+    let (mesh, device) = match parallel {
+        Some((world, layout)) => {
+            let device = rank_device(world.rank());
+            let world = collective_world(args, world)?;
+            (Some(Mesh::new(world, layout)?), device)
+        }
+        None => (None, default_device()),
+    };
+    let output_rank = mesh.as_ref().is_none_or(|m| m.is_output_rank());
     let (backend, mut params, model_name) = match &args.model_dir {
         Some(dir) => (
             DiffusionBackend::<B>::from_dir(dir, &device)?,
@@ -85,9 +157,11 @@ fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
             dir.display().to_string(),
         ),
         None => {
-            eprintln!(
-                "no --model-dir: using the embedded tiny model (random weights: it shows the pipeline, not quality)"
-            );
+            if output_rank {
+                eprintln!(
+                    "no --model-dir: using the embedded tiny model (random weights: it shows the pipeline, not quality)"
+                );
+            }
             (
                 DiffusionBackend::<B>::embedded_tiny(&device)?,
                 DiffusionUserParams::tiny(args.prompt.clone()),
@@ -118,9 +192,15 @@ fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
         None => None,
     };
 
-    let generator = Generator::new(backend);
+    let generator = match mesh {
+        Some(mesh) => Generator::new(backend).with_mesh(mesh),
+        None => Generator::new(backend),
+    };
     let mut task = DiffusionTask::<B>::from_user_request(params.clone())?;
-    let bar = ProgressBar::new(params.num_inference_steps as u64);
+    let bar = match output_rank {
+        true => ProgressBar::new(params.num_inference_steps as u64),
+        false => ProgressBar::hidden(),
+    };
     bar.set_style(ProgressStyle::with_template(
         "{msg:>10} [{bar:40}] {pos}/{len} steps {elapsed_precise}",
     )?);
@@ -135,6 +215,18 @@ fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
         bar.set_position(task.buffer.current_step as u64);
     }
     bar.finish_with_message("done");
+    let check = match args.cache_check {
+        true => {
+            if output_rank {
+                eprintln!("cache check: running again without the cache");
+            }
+            Some(generator.cache_check(&task)?)
+        }
+        false => None,
+    };
+    if !output_rank {
+        return Ok(());
+    }
     let t = task.buffer.timings;
     eprintln!(
         "text {:.2}s, denoise {:.2}s, vae decode {:.2}s",
@@ -150,15 +242,9 @@ fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
             stats.uncached_block_evals()
         );
     }
-    let check = match args.cache_check {
-        true => {
-            eprintln!("cache check: running again without the cache");
-            let check = generator.cache_check(&task)?;
-            eprintln!("{check}");
-            Some(check)
-        }
-        false => None,
-    };
+    if let Some(check) = &check {
+        eprintln!("{check}");
+    }
 
     let video = task.buffer.video.take().ok_or("no video decoded")?;
     let frames = RgbFrames::from_tensor(video_to_frames(video))?;
@@ -174,6 +260,9 @@ fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
     }
     let json = args.out.join(format!("{stem}.json"));
     let mut meta = sidecar(&params, &t, &model_name, &files);
+    if let Some(mesh) = generator.mesh() {
+        meta["parallel"] = serde_json::json!({ "cfg": mesh.layout.cfg, "cp": mesh.layout.cp });
+    }
     if let Some(c) = check {
         meta["cache_check"] = serde_json::json!({
             "policy": c.policy,

@@ -60,9 +60,14 @@ impl Layout {
             (Some(cfg), None) if cfg > 0 && world.is_multiple_of(cfg) => Layout::new(cfg, world / cfg)?,
             (None, Some(cp)) if cp > 0 && world.is_multiple_of(cp) => Layout::new(world / cp, cp)?,
             (None, None) => Layout::new(1, world)?,
-            (cfg, cp) => {
+            (Some(cfg), _) => {
                 return Err(CommError::Layout(format!(
-                    "a world of {world} ranks does not factor as cfg {cfg:?} x cp {cp:?}"
+                    "a world of {world} ranks does not split into {cfg} CFG branches"
+                )))
+            }
+            (_, Some(cp)) => {
+                return Err(CommError::Layout(format!(
+                    "a world of {world} ranks does not split into context-parallel groups of {cp}"
                 )))
             }
         };

@@ -59,7 +59,8 @@ fn layouts_that_do_not_factor_the_world_fail_before_any_work() {
     let err = |r: Result<Layout, CommError>| r.unwrap_err().to_string();
     assert!(err(Layout::new(3, 1)).contains("must be 1 or 2"));
     assert!(err(Layout::new(1, 0)).contains("at least 1"));
-    assert!(err(Layout::infer(3, Some(2), None)).contains("does not factor"));
+    assert!(err(Layout::infer(3, Some(2), None)).contains("does not split into 2 CFG branches"));
+    assert!(err(Layout::infer(6, None, Some(4))).contains("groups of 4"));
     assert!(err(Layout::infer(4, Some(2), Some(4))).contains("does not factor"));
     assert_eq!(Layout::infer(4, Some(2), None).unwrap(), Layout { cfg: 2, cp: 2 });
     assert_eq!(Layout::infer(3, None, None).unwrap(), Layout { cfg: 1, cp: 3 });

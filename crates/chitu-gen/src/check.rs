@@ -76,10 +76,11 @@ impl<B: Backend> Generator<B> {
         let (Some(policy), Some(stats)) = (cached.params.cache.as_ref(), cached.cache_stats()) else {
             return Err(GenError::Params("cache check: the request has no cache policy".into()));
         };
-        let (Some(latents), Some(video), Some(start)) = (
+        // Under a mesh only the output rank holds the video; every rank reruns the denoise.
+        let (Some(latents), Some(start), true) = (
             cached.buffer.latents.clone(),
-            cached.buffer.video.clone(),
             cached.start_latents(),
+            cached.is_finished() && (cached.buffer.video.is_some() || !self.is_output_rank()),
         ) else {
             return Err(GenError::Stage("cache check: the cached run has not finished".into()));
         };
@@ -88,16 +89,19 @@ impl<B: Backend> Generator<B> {
             ..cached.params.clone()
         };
         let plain = self.generate(DiffusionTask::from_user_request(params)?.with_initial_latents(start))?;
-        let (Some(plain_latents), Some(plain_video)) = (plain.buffer.latents.clone(), plain.buffer.video.clone())
-        else {
+        let Some(plain_latents) = plain.buffer.latents.clone() else {
             return Err(GenError::Stage(
-                "cache check: the uncached run produced no video".into(),
+                "cache check: the uncached run produced no latents".into(),
             ));
+        };
+        let psnr_db = match (cached.buffer.video.clone(), plain.buffer.video.clone()) {
+            (Some(a), Some(b)) => psnr(video_to_frames(a), video_to_frames(b)),
+            _ => f64::NAN,
         };
         Ok(CacheCheck {
             policy: policy.name(),
             stats,
-            psnr_db: psnr(video_to_frames(video), video_to_frames(plain_video)),
+            psnr_db,
             max_abs_latent_diff: max_abs_diff(latents, plain_latents),
             denoise_s: cached.buffer.timings.denoise,
             uncached_denoise_s: plain.buffer.timings.denoise,
