@@ -98,17 +98,7 @@ pub trait TensorComm: Communicator {
     fn all_gather<B: Backend, const D: usize>(&self, x: Tensor<B, D>, dim: usize) -> Result<Tensor<B, D>, CommError> {
         let (device, dims) = (x.device(), x.dims());
         let parts = self.all_gather_data(x.into_data())?;
-        for (rank, part) in parts.iter().enumerate() {
-            let same = part.shape.len() == D && (0..D).all(|d| d == dim || part.shape[d] == dims[d]);
-            if !same {
-                return Err(CommError::Mismatch(format!(
-                    "all_gather along {dim}: rank {rank} sent {:?}, this rank holds {dims:?}",
-                    part.shape
-                )));
-            }
-        }
-        let tensors = parts.into_iter().map(|p| Tensor::from_data(p, &device)).collect();
-        Ok(Tensor::cat(tensors, dim))
+        concat(parts, dims, dim, &device, &format!("all_gather along {dim}"))
     }
 
     /// Splits `x` in equal chunks along `scatter_dim`, chunk `j` to rank `j`, and concatenates the
@@ -130,17 +120,7 @@ pub trait TensorComm: Communicator {
         let got = self.all_to_all_data(parts)?;
         let mut expected = dims;
         expected[scatter_dim] /= n;
-        for (rank, part) in got.iter().enumerate() {
-            let same = part.shape.len() == D && (0..D).all(|d| d == gather_dim || part.shape[d] == expected[d]);
-            if !same {
-                return Err(CommError::Mismatch(format!(
-                    "all_to_all: rank {rank} sent {:?}, expected {expected:?}",
-                    part.shape
-                )));
-            }
-        }
-        let tensors = got.into_iter().map(|p| Tensor::from_data(p, &device)).collect();
-        Ok(Tensor::cat(tensors, gather_dim))
+        concat(got, expected, gather_dim, &device, "all_to_all")
     }
 
     /// `root`'s `x` on every rank (other ranks' `x` only names the device and shape).
@@ -179,6 +159,28 @@ pub trait TensorComm: Communicator {
 }
 
 impl<C: Communicator + ?Sized> TensorComm for C {}
+
+/// Concatenates the ranks' parts along `dim` on `device`, after checking that every part has the
+/// `expected` shape except along `dim`.
+fn concat<B: Backend, const D: usize>(
+    parts: Vec<TensorData>,
+    expected: [usize; D],
+    dim: usize,
+    device: &B::Device,
+    op: &str,
+) -> Result<Tensor<B, D>, CommError> {
+    for (rank, part) in parts.iter().enumerate() {
+        let same = part.shape.len() == D && (0..D).all(|d| d == dim || part.shape[d] == expected[d]);
+        if !same {
+            return Err(CommError::Mismatch(format!(
+                "{op}: rank {rank} sent {:?}, expected {expected:?} (any size along {dim})",
+                part.shape
+            )));
+        }
+    }
+    let tensors = parts.into_iter().map(|p| Tensor::from_data(p, device)).collect();
+    Ok(Tensor::cat(tensors, dim))
+}
 
 /// Some ranks of a parent communicator, renumbered from 0, with their own tag.
 pub struct SubGroup {

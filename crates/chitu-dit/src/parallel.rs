@@ -110,14 +110,19 @@ impl<B: Backend> AttentionOp<B> for Ulysses<'_, B> {
             if padded_heads == heads {
                 t
             } else {
-                let zeros = Tensor::zeros([b, s, padded_heads - heads, d], &t.device());
+                let zeros = Tensor::zeros([b, s, padded_heads - heads, t.dims()[3]], &t.device());
                 Tensor::cat(vec![t, zeros], 2)
             }
         };
         let group = &self.shard.group;
         let run = || -> Result<Tensor<B, 4>, String> {
-            let to_heads = |t: Tensor<B, 4>| group.all_to_all(pad(t), 2, 1);
-            let (q, k, v) = (to_heads(q.clone())?, to_heads(k)?, to_heads(v)?);
+            // q, k and v travel in one all-to-all, side by side along the channels.
+            let qkv = group.all_to_all(pad(Tensor::cat(vec![q.clone(), k, v], 3)), 2, 1)?;
+            let (q, k, v) = (
+                qkv.clone().narrow(3, 0, d),
+                qkv.clone().narrow(3, d, d),
+                qkv.narrow(3, 2 * d, d),
+            );
             let total = q.dims()[1];
             let mask = (total > self.shard.seq_len).then(|| {
                 let flags: Vec<bool> = (0..total).map(|i| i >= self.shard.seq_len).collect();
