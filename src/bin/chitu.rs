@@ -124,18 +124,31 @@ fn run(args: GenerateArgs) -> Result<(), AnyError> {
     Ok(())
 }
 
+/// The device index of a rank on its node: the launcher's local rank on multi-node jobs, else the
+/// world rank (in-process ranks all live on one node).
+fn local_index(world_rank: usize) -> usize {
+    ["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse().ok())
+        .unwrap_or(world_rank)
+}
+
 /// The world this rank's collectives use: the launcher's, or NCCL between the GPUs.
-fn collective_world(args: &GenerateArgs, world: Arc<dyn Communicator>) -> Result<Arc<dyn Communicator>, AnyError> {
+fn collective_world(
+    args: &GenerateArgs,
+    world: Arc<dyn Communicator>,
+    device_index: usize,
+) -> Result<Arc<dyn Communicator>, AnyError> {
     if !args.nccl {
         return Ok(world);
     }
     #[cfg(feature = "nccl")]
     {
-        Ok(Arc::new(chitu::dist::NcclComm::new(world.as_ref(), world.rank())?))
+        Ok(Arc::new(chitu::dist::NcclComm::new(world.as_ref(), device_index)?))
     }
     #[cfg(not(feature = "nccl"))]
     {
-        let _ = world;
+        let _ = (world, device_index);
         Err("--nccl needs a build with `--features nccl`".into())
     }
 }
@@ -143,8 +156,9 @@ fn collective_world(args: &GenerateArgs, world: Arc<dyn Communicator>) -> Result
 fn run_rank(args: &GenerateArgs, parallel: Option<(Arc<dyn Communicator>, Layout)>) -> Result<(), AnyError> {
     let (mesh, device) = match parallel {
         Some((world, layout)) => {
-            let device = rank_device(world.rank());
-            let world = collective_world(args, world)?;
+            let index = local_index(world.rank());
+            let device = rank_device(index);
+            let world = collective_world(args, world, index)?;
             (Some(Mesh::new(world, layout)?), device)
         }
         None => (None, default_device()),
