@@ -17,6 +17,9 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
+mod host;
+pub use host::HostWeights;
+
 /// Why a checkpoint could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
