@@ -1,5 +1,5 @@
 //! Wan2.2-A14B text-to-video (two experts switched at the folder's `boundary_ratio`):
-//! `cargo run --release --example wan22_a14b_t2v -- --model-dir DIR --prompt "..."`.
+//! `cargo run --release --example wan22_a14b_t2v -- --model-dir DIR --prompt "..." [--low-mem 3]`.
 
 mod common;
 

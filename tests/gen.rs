@@ -90,6 +90,13 @@ fn every_validation_error_is_reported() {
         },
         "max_sequence_length",
     );
+    invalid(
+        DiffusionUserParams {
+            low_mem: 4,
+            ..small("x")
+        },
+        "low_mem level 4",
+    );
     assert!(DiffusionTask::<B>::from_user_request(small("x")).is_ok());
 }
 
@@ -159,6 +166,7 @@ fn nan_latents_are_caught_with_the_step() {
 fn the_two_expert_model_loads_both_experts() {
     let backend = DiffusionBackend::<B>::from_dir(model("wan22"), &default_device()).unwrap();
     assert_eq!(backend.model_pool.len(), 2);
+    assert!(backend.model_pool.iter().all(|m| m.is_resident()));
     assert_eq!(backend.boundary_ratio, Some(0.875));
     let e = DiffusionBackend::<B>::from_dir(model("nonexistent"), &default_device())
         .err()

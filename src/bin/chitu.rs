@@ -57,8 +57,10 @@ struct GenerateArgs {
     shift: Option<f64>,
     #[arg(long)]
     max_sequence_length: Option<usize>,
-    /// Memory saving level: 1 decodes the VAE in tiles.
-    #[arg(long, default_value_t = 0)]
+    /// Memory saving level: 1 decodes the VAE in tiles; 2 also keeps the text encoder in host
+    /// memory except while it encodes; 3 also keeps only the active DiT on the device. Levels 2
+    /// and 3 park models as they load. They are for GPUs: on the CPU backend they save nothing.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=3))]
     low_mem: u8,
     /// FlexCache policy: teacache, pab, first_block_cache or taylorseer, or a JSON object such
     /// as '{"policy": "pab", "skip_self_range": 3}'.
@@ -166,7 +168,7 @@ fn run_rank(args: &GenerateArgs, parallel: Option<(Arc<dyn Communicator>, Layout
     let output_rank = mesh.as_ref().is_none_or(|m| m.is_output_rank());
     let (backend, mut params, model_name) = match &args.model_dir {
         Some(dir) => (
-            DiffusionBackend::<B>::from_dir(dir, &device)?,
+            DiffusionBackend::<B>::from_dir_low_mem(dir, &device, args.low_mem)?,
             DiffusionUserParams::new(args.prompt.clone()),
             dir.display().to_string(),
         ),

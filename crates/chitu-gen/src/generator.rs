@@ -178,7 +178,7 @@ impl<B: Backend> Generator<B> {
     pub fn encode_text(&self, prompt: &str, max_len: usize) -> Result<Tensor<B, 3>, GenError> {
         self.backend
             .text
-            .encode_prompt(&[prompt], max_len)
+            .with(|text| text.encode_prompt(&[prompt], max_len))?
             .map_err(|e| GenError::Stage(format!("text encode: {e}")))
     }
 
@@ -248,55 +248,66 @@ impl<B: Backend> Generator<B> {
         let step = buf.current_step;
         let t = sched.timesteps()[step];
         let (expert, guidance) = task.expert_override.unwrap_or_else(|| self.expert(t, &task.params));
-        let model = self
-            .backend
-            .model_pool
-            .get(expert)
-            .ok_or_else(|| GenError::Params(format!("the model pool has no model {expert}")))?;
+        let pool = &self.backend.model_pool;
+        let slot = pool.get(expert).ok_or_else(|| {
+            GenError::Params(format!("the model pool has {} model(s), no model {expert}", pool.len()))
+        })?;
+        if task.params.low_mem >= 3 {
+            // Only the active expert on the device: park the other one before this one returns.
+            for (i, other) in pool.iter().enumerate() {
+                if i != expert {
+                    other.park()?;
+                }
+            }
+        }
         let latents = buf.latents.take().ok_or_else(|| GenError::Stage("no latents".into()))?;
         let num_steps = task.params.num_inference_steps;
         let cache = &mut task.cache;
-        let runner = self.runner(model);
-        let mut run = |ctx: Option<Tensor<B, 3>>, branch: Branch| {
-            let ctx = ctx.ok_or_else(|| GenError::Stage(format!("no {branch:?} text embeddings")))?;
-            let call = DitCall {
-                step,
-                num_steps,
-                branch,
-                expert,
-            };
-            match cache {
-                Some(policy) => policy.forward(&runner, call, latents.clone(), t, ctx),
-                None => runner.forward(latents.clone(), &[t], ctx, &mut chitu_dit::NoHook),
-            }
-            .map_err(|e| GenError::Stage(format!("denoise step {step}: {e}")))
-        };
-        let velocity = match self.cfg_branch(&task.params) {
-            // CFG parallel: this rank's branch, then both predictions on both ranks of the pair.
-            Some(branch) => {
-                let ctx = match branch {
-                    Branch::Cond => buf.cond.clone(),
-                    Branch::Uncond => buf.uncond.clone(),
+        let cfg_branch = self.cfg_branch(&task.params);
+        let (cond, uncond) = (&buf.cond, &buf.uncond);
+        let velocity = slot.with(|model| {
+            let runner = self.runner(model);
+            let mut run = |ctx: Option<Tensor<B, 3>>, branch: Branch| {
+                let ctx = ctx.ok_or_else(|| GenError::Stage(format!("no {branch:?} text embeddings")))?;
+                let call = DitCall {
+                    step,
+                    num_steps,
+                    branch,
+                    expert,
                 };
-                let mine = run(ctx, branch)?;
-                let pair = &self.mesh().expect("a CFG branch implies a mesh").cfg;
-                let both = pair
-                    .all_gather(mine, 0)
-                    .map_err(|e| GenError::Parallel(format!("denoise step {step}: gathering the CFG branches: {e}")))?;
-                let (v_cond, v_uncond) = (both.clone().narrow(0, 0, 1), both.narrow(0, 1, 1));
-                v_uncond.clone() + (v_cond - v_uncond).mul_scalar(guidance as f32)
-            }
-            None => {
-                let v_cond = run(buf.cond.clone(), Branch::Cond)?;
-                match buf.uncond.clone() {
-                    Some(uncond) => {
-                        let v_uncond = run(Some(uncond), Branch::Uncond)?;
-                        v_uncond.clone() + (v_cond - v_uncond).mul_scalar(guidance as f32)
+                match cache {
+                    Some(policy) => policy.forward(&runner, call, latents.clone(), t, ctx),
+                    None => runner.forward(latents.clone(), &[t], ctx, &mut chitu_dit::NoHook),
+                }
+                .map_err(|e| GenError::Stage(format!("denoise step {step}: {e}")))
+            };
+            match cfg_branch {
+                // CFG parallel: this rank's branch, then both predictions on both ranks of the pair.
+                Some(branch) => {
+                    let ctx = match branch {
+                        Branch::Cond => cond.clone(),
+                        Branch::Uncond => uncond.clone(),
+                    };
+                    let mine = run(ctx, branch)?;
+                    let pair = &self.mesh().expect("a CFG branch implies a mesh").cfg;
+                    let both = pair.all_gather(mine, 0).map_err(|e| {
+                        GenError::Parallel(format!("denoise step {step}: gathering the CFG branches: {e}"))
+                    })?;
+                    let (v_cond, v_uncond) = (both.clone().narrow(0, 0, 1), both.narrow(0, 1, 1));
+                    Ok(v_uncond.clone() + (v_cond - v_uncond).mul_scalar(guidance as f32))
+                }
+                None => {
+                    let v_cond = run(cond.clone(), Branch::Cond)?;
+                    match uncond.clone() {
+                        Some(uncond) => {
+                            let v_uncond = run(Some(uncond), Branch::Uncond)?;
+                            Ok(v_uncond.clone() + (v_cond - v_uncond).mul_scalar(guidance as f32))
+                        }
+                        None => Ok(v_cond),
                     }
-                    None => v_cond,
                 }
             }
-        };
+        })??;
         let next = sched
             .step(velocity, t, latents)
             .map_err(|e| GenError::Stage(format!("scheduler step {step}: {e}")))?;
@@ -330,6 +341,10 @@ impl<B: Backend> Generator<B> {
         match task.stage {
             Stage::TextEncode => {
                 let p = &task.params;
+                if p.low_mem >= 3 {
+                    // No DiT is active while the prompt is encoded.
+                    self.backend.park_for(3)?;
+                }
                 // Under CFG parallelism each rank encodes only the prompt of its own branch.
                 let branch = self.cfg_branch(p);
                 if branch != Some(Branch::Uncond) {
@@ -338,6 +353,7 @@ impl<B: Backend> Generator<B> {
                 if p.cfg() && branch != Some(Branch::Cond) {
                     task.buffer.uncond = Some(self.encode_text(&p.negative_prompt, p.max_sequence_length)?);
                 }
+                self.backend.park_for(p.low_mem.min(2))?;
                 task.buffer.scheduler = Some(self.scheduler(p)?);
                 let shape = p.latent_shape(self.backend.vae.config.z_dim);
                 let latents = match task.initial_latents.take() {
@@ -367,6 +383,7 @@ impl<B: Backend> Generator<B> {
                 task.stage = Stage::Done;
             }
             Stage::VaeDecode => {
+                self.backend.park_for(task.params.low_mem)?;
                 let latents = task
                     .buffer
                     .latents

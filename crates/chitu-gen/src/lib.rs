@@ -8,6 +8,7 @@ mod backend;
 mod check;
 mod generator;
 mod native;
+mod offload;
 pub mod oom;
 pub mod output;
 mod params;
@@ -19,6 +20,7 @@ pub use backend::DiffusionBackend;
 pub use check::CacheCheck;
 pub use generator::{seeded_noise, video_to_frames, DiffusionTask, Generator, Stage, StageTimings, TaskBuffer};
 pub use native::{is_wan_native, unipc_flow_config, WanNativeConfig};
+pub use offload::{Offload, Offloaded};
 pub use params::DiffusionUserParams;
 pub use plan::{PlanOutput, PlanStage};
 pub use pool::{TaskId, TaskPool};
@@ -41,7 +43,7 @@ pub enum GenError {
     Output(String),
     /// The device ran out of memory in a stage.
     #[error(
-        "out of device memory in {stage}: {detail}; try --low-mem 1 (tiled VAE decode), fewer frames or a smaller size"
+        "out of device memory in {stage}: {detail}; try --low-mem 1 (tiled VAE decode), 2 (text encoder off the device) or 3 (only the active DiT on the device), fewer frames or a smaller size"
     )]
     OutOfMemory { stage: String, detail: String },
     /// A collective of a parallel run failed (a dead or stuck rank, a bad layout).

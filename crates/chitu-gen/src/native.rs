@@ -84,6 +84,17 @@ pub fn unipc_flow_config(shift: f64) -> serde_json::Value {
 impl<B: Backend> DiffusionBackend<B> {
     /// Loads a Wan release folder with the shapes and sampler settings of `config`.
     pub fn from_wan_dir(dir: impl AsRef<Path>, config: &WanNativeConfig, device: &B::Device) -> Result<Self, GenError> {
+        Self::from_wan_dir_low_mem(dir, config, device, 0)
+    }
+
+    /// [`DiffusionBackend::from_wan_dir`], parking models as they load as
+    /// [`DiffusionBackend::from_dir_low_mem`] does.
+    pub fn from_wan_dir_low_mem(
+        dir: impl AsRef<Path>,
+        config: &WanNativeConfig,
+        device: &B::Device,
+        low_mem: u8,
+    ) -> Result<Self, GenError> {
         let dir = dir.as_ref();
         let load = |e: &dyn std::fmt::Display| GenError::Load(e.to_string());
         let t5 = find(
@@ -95,6 +106,7 @@ impl<B: Backend> DiffusionBackend<B> {
         )?;
         let tokenizer = find(&dir.join("google/umt5-xxl"), &["tokenizer.json"])?;
         let text = TextEncoder::from_wan_files(&t5, &tokenizer, config.text.clone(), device).map_err(|e| load(&e))?;
+        let text = crate::backend::park_text(text, device, low_mem)?;
 
         let experts: Vec<PathBuf> = if dir.join("high_noise_model").is_dir() {
             vec![dir.join("high_noise_model"), dir.join("low_noise_model")]
@@ -109,10 +121,12 @@ impl<B: Backend> DiffusionBackend<B> {
                 config.boundary_ratio
             )));
         }
-        let model_pool = experts
-            .iter()
-            .map(|d| WanTransformer::from_dir(d, device).map_err(|e| load(&e)))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut model_pool = Vec::new();
+        for (i, d) in experts.iter().enumerate() {
+            let dit = WanTransformer::from_dir(d, device).map_err(|e| load(&e))?;
+            let name = ["transformer", "transformer_2"][i];
+            model_pool.push(crate::backend::park_dit(name, dit, device, low_mem)?);
+        }
 
         let vae_file = find(dir, &["Wan2.1_VAE.pth", "Wan2.1_VAE.safetensors"])?;
         let vae = WanVae::from_wan_checkpoint(&vae_file, config.vae.clone(), device).map_err(|e| load(&e))?;

@@ -26,8 +26,9 @@ pub struct DiffusionUserParams {
     /// The flow shift; the model folder's when unset.
     pub shift: Option<f64>,
     pub max_sequence_length: usize,
-    /// Memory saving: 0 off, 1 tiled VAE decode. Levels 2 (text encoder on the CPU) and 3 (only
-    /// the active expert on the device) are refused until CPU offload exists.
+    /// Memory saving: 0 off; 1 tiled VAE decode; 2 also parks the text encoder in host memory
+    /// between prompts; 3 also keeps only the active DiT on the device (the other expert, and
+    /// every DiT outside denoising, is parked).
     pub low_mem: u8,
     /// The FlexCache policy; none computes every block of every call.
     pub cache: Option<CacheConfig>,
@@ -94,9 +95,9 @@ impl DiffusionUserParams {
                 return bad(format!("shift {s} must be finite and positive"));
             }
         }
-        if self.low_mem > 1 {
+        if self.low_mem > 3 {
             return bad(format!(
-                "low_mem level {} is not available yet: only 1 (tiled VAE decode); CPU offload (levels 2 and 3) is not implemented",
+                "low_mem level {} does not exist: 0 (off), 1 (tiled VAE decode), 2 (also the text encoder in host memory), 3 (also only the active DiT on the device)",
                 self.low_mem
             ));
         }

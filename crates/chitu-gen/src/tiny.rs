@@ -50,8 +50,12 @@ impl<B: Backend> DiffusionBackend<B> {
         )
         .map_err(|e| GenError::Load(e.to_string()))?;
         Ok(Self {
-            text: TextEncoder::new(tokenizer, encoder, device.clone()),
-            model_pool: vec![dit],
+            text: crate::Offloaded::new(
+                "text encoder",
+                TextEncoder::new(tokenizer, encoder, device.clone()),
+                device,
+            ),
+            model_pool: vec![crate::Offloaded::new("transformer", dit, device)],
             boundary_ratio: None,
             vae,
             scheduler_config: crate::unipc_flow_config(3.0),

@@ -39,6 +39,7 @@ impl Encoded {
 }
 
 /// The T5 tokenizer of a Wan model folder (`tokenizer/tokenizer.json`).
+#[derive(Clone)]
 pub struct T5Tokenizer {
     inner: Tokenizer,
     pad_id: u32,
