@@ -103,7 +103,8 @@ fn pieces_compose_to_the_full_forward_exactly() {
     let n = model.blocks.len();
     for k in 0..=n {
         let e = model.embed(x.clone(), &t, ctx.clone()).unwrap();
-        let attn = AttentionKind::Fused;
+        // The kernel `forward` uses, so that the composition is bit-exact.
+        let attn = model.config.attention;
         let h = model.forward_blocks(e.tokens, &e.inputs, 0..k, &attn, &mut NoHook);
         let h = model.forward_blocks(h, &e.inputs, k..n, &attn, &mut NoHook);
         let out = model.head(h, e.temb, e.grid);
@@ -112,13 +113,15 @@ fn pieces_compose_to_the_full_forward_exactly() {
 }
 
 #[test]
-fn reference_attention_matches_fused() {
+fn every_attention_kernel_matches_diffusers() {
     let case = case();
     let mut model =
         WanTransformer::<B>::from_dir(fixtures().join("models/wan21/transformer"), &default_device()).unwrap();
-    model.config.attention = AttentionKind::Reference;
-    let e = rel_l2(&run(&model, &case), &reference(&case));
-    assert!(e <= 1e-4, "rel_l2 {e}");
+    for kind in [AttentionKind::Fused, AttentionKind::Reference, AttentionKind::Auto] {
+        model.config.attention = kind;
+        let e = rel_l2(&run(&model, &case), &reference(&case));
+        assert!(e <= 1e-4, "{kind:?}: rel_l2 {e}");
+    }
 }
 
 #[test]

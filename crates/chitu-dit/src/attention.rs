@@ -21,11 +21,66 @@ pub trait AttentionOp<B: Backend>: Send + Sync {
 /// The local attention kernels.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum AttentionKind {
-    /// burn's attention op (fused on flex and CUDA).
+    /// [`AttentionKind::Fused`] on GPU backends, [`AttentionKind::Reference`] on burn's CPU
+    /// backends (`flex`, `ndarray`), where it measured about 2x faster (BENCHMARKS.md).
     #[default]
+    Auto,
+    /// burn's attention op (a flash kernel on CUDA and on flex).
     Fused,
-    /// Plain matmul, softmax, matmul: slower, kept as the reference.
+    /// Matmul, softmax, matmul over blocks of queries, so that the score matrix never exceeds
+    /// [`SCORE_BUDGET_BYTES`] whatever the sequence length.
     Reference,
+}
+
+/// The most bytes of attention scores the reference kernel holds at once.
+pub const SCORE_BUDGET_BYTES: usize = 256 << 20;
+
+impl AttentionKind {
+    /// The concrete kernel for backend `B` on `device`.
+    pub fn resolve<B: Backend>(self, device: &B::Device) -> Self {
+        match self {
+            Self::Auto => {
+                let name = B::name(device);
+                if name == "flex" || name.starts_with("ndarray") {
+                    Self::Reference
+                } else {
+                    Self::Fused
+                }
+            }
+            kind => kind,
+        }
+    }
+}
+
+/// Matmul-softmax-matmul on `[B, H, S, D]`, over as many query rows at a time as keep the scores
+/// within `budget` bytes.
+fn blocked_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    key_padding: Option<Tensor<B, 2, Bool>>,
+    budget: usize,
+) -> Tensor<B, 4> {
+    let [b, h, sq, d] = q.dims();
+    let sk = k.dims()[2];
+    // Scaling q costs S*D multiplies; scaling the scores would cost S*S.
+    let q = q.mul_scalar(1.0 / (d as f64).sqrt());
+    let kt = k.transpose();
+    let mask = key_padding.map(|m| m.reshape([b, 1, 1, sk]));
+    let rows = (budget / (4 * b * h * sk).max(1)).clamp(1, sq);
+    let blocks: Vec<Tensor<B, 4>> = (0..sq)
+        .step_by(rows)
+        .map(|start| {
+            let n = rows.min(sq - start);
+            let scores = q.clone().narrow(2, start, n).matmul(kt.clone());
+            let scores = match &mask {
+                Some(m) => scores.mask_fill(m.clone().expand([b, h, n, sk]), f32::NEG_INFINITY),
+                None => scores,
+            };
+            softmax(scores, 3).matmul(v.clone())
+        })
+        .collect();
+    Tensor::cat(blocks, 2)
 }
 
 impl<B: Backend> AttentionOp<B> for AttentionKind {
@@ -38,18 +93,13 @@ impl<B: Backend> AttentionOp<B> for AttentionKind {
     ) -> Tensor<B, 4> {
         // Heads first for the kernels.
         let (q, k, v) = (q.swap_dims(1, 2), k.swap_dims(1, 2), v.swap_dims(1, 2));
-        let [b, h, sq, d] = q.dims();
+        let [b, h, sq, _] = q.dims();
         let sk = k.dims()[2];
-        let mask = key_padding.map(|m| m.reshape([b, 1, 1, sk]).expand([b, h, sq, sk]));
-        let out = match self {
-            AttentionKind::Fused => attention(q, k, v, mask, None, AttentionModuleOptions::default()),
-            AttentionKind::Reference => {
-                let scores = q.matmul(k.transpose()).mul_scalar(1.0 / (d as f64).sqrt());
-                let scores = match mask {
-                    Some(m) => scores.mask_fill(m, f32::NEG_INFINITY),
-                    None => scores,
-                };
-                softmax(scores, 3).matmul(v)
+        let out = match self.resolve::<B>(&q.device()) {
+            Self::Reference => blocked_attention(q, k, v, key_padding, SCORE_BUDGET_BYTES),
+            _ => {
+                let mask = key_padding.map(|m| m.reshape([b, 1, 1, sk]).expand([b, h, sq, sk]));
+                attention(q, k, v, mask, None, AttentionModuleOptions::default())
             }
         };
         out.swap_dims(1, 2)
@@ -84,5 +134,34 @@ mod tests {
         a.slice(1..2)
             .into_data()
             .assert_approx_eq::<f32>(&short.into_data(), Tolerance::absolute(1e-5));
+    }
+
+    #[test]
+    fn score_blocks_give_the_unblocked_result() {
+        let dev = Default::default();
+        let r = |s| Tensor::<Flex, 4>::random(s, Distribution::Normal(0.0, 1.0), &dev);
+        // Heads first, as the kernels take them.
+        let (q, k, v) = (r([2, 3, 11, 8]), r([2, 3, 7, 8]), r([2, 3, 7, 8]));
+        let pad =
+            Tensor::<Flex, 2, Bool>::from_data([[false; 7], [false, false, false, false, false, true, true]], &dev);
+        let one_block = blocked_attention(q.clone(), k.clone(), v.clone(), Some(pad.clone()), usize::MAX);
+        // Room for 2 query rows of scores: 6 blocks, the last one short.
+        let budget = 2 * 4 * 2 * 3 * 7;
+        let blocks = blocked_attention(q, k, v, Some(pad), budget);
+        one_block
+            .into_data()
+            .assert_approx_eq::<f32>(&blocks.into_data(), Tolerance::absolute(1e-6));
+    }
+
+    #[test]
+    fn auto_is_the_reference_kernel_on_the_cpu_backend() {
+        assert_eq!(
+            AttentionKind::Auto.resolve::<Flex>(&Default::default()),
+            AttentionKind::Reference
+        );
+        assert_eq!(
+            AttentionKind::Fused.resolve::<Flex>(&Default::default()),
+            AttentionKind::Fused
+        );
     }
 }

@@ -58,7 +58,7 @@ impl WanDitConfig {
             qk_norm: true,
             eps: 1e-6,
             rope_max_seq_len: 1024,
-            attention: AttentionKind::Fused,
+            attention: AttentionKind::Auto,
         }
     }
 
@@ -149,7 +149,7 @@ impl WanDitConfig {
                 qk_norm,
                 eps: c.eps,
                 rope_max_seq_len: c.rope_max_seq_len,
-                attention: AttentionKind::Fused,
+                attention: AttentionKind::Auto,
             }
         } else if value.get("dim").is_some() {
             let c: NativeConfig = serde_json::from_value(value.clone()).map_err(|e| DitError::Config(e.to_string()))?;
@@ -185,7 +185,7 @@ impl WanDitConfig {
                 qk_norm: c.qk_norm,
                 eps: c.eps,
                 rope_max_seq_len: 1024,
-                attention: AttentionKind::Fused,
+                attention: AttentionKind::Auto,
             }
         } else {
             return Err(DitError::Config(

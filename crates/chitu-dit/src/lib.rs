@@ -30,7 +30,7 @@ pub use attention::{AttentionKind, AttentionOp};
 pub use block::{BlockHook, BlockInputs, BlockPart, NoHook, WanBlock};
 pub use chitu_store::{weight_files, LoadReport};
 pub use config::WanDitConfig;
-pub use layers::{layer_norm, modulate};
+pub use layers::{gelu_tanh, layer_norm, modulate};
 pub use load::CheckpointLayout;
 pub use model::{Embedded, WanTransformer, ROPE_THETA};
 pub use parallel::{DitRunner, SeqParallel, SeqShard};

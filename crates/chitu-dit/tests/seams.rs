@@ -2,7 +2,7 @@
 
 use burn::tensor::{Distribution, Tensor};
 use burn_flex::Flex;
-use chitu_dit::{AttentionKind, BlockHook, BlockPart, WanDitConfig, WanTransformer};
+use chitu_dit::{BlockHook, BlockPart, WanDitConfig, WanTransformer};
 use std::collections::HashMap;
 
 fn tiny() -> WanDitConfig {
@@ -56,7 +56,7 @@ fn hook_sees_every_part_and_can_skip_computation() {
         replace: None,
     };
     let hooked = model
-        .forward_with(x.clone(), &[500.0], ctx.clone(), &AttentionKind::Fused, &mut rec)
+        .forward_with(x.clone(), &[500.0], ctx.clone(), &model.config.attention, &mut rec)
         .unwrap();
     hooked.into_data().assert_eq(&plain.clone().into_data(), true);
     assert_eq!(rec.seen.len(), 3 * 3);
@@ -71,7 +71,7 @@ fn hook_sees_every_part_and_can_skip_computation() {
         replace: Some((BlockPart::Ffn, zeros)),
     };
     let replaced = model
-        .forward_with(x, &[500.0], ctx, &AttentionKind::Fused, &mut rec)
+        .forward_with(x, &[500.0], ctx, &model.config.attention, &mut rec)
         .unwrap();
     assert_eq!(rec.computed, 6);
     let diff: f32 = (replaced - plain).abs().max().into_scalar();
