@@ -157,12 +157,15 @@ impl<B: Backend, const D: usize> RmsNorm<B, D> {
 
     /// Normalises `x` over axis 1 (channels).
     pub fn forward<const R: usize>(&self, x: Tensor<B, R>) -> Tensor<B, R> {
-        let c = x.dims()[1];
+        let dims = x.dims();
+        let (b, c) = (dims[0], dims[1]);
+        let n = dims[2..].iter().product();
+        // As [B, C, N]: burn-flex broadcasts `[B, 1, N]` over C quickly, but takes a strided path
+        // 16x slower for the same broadcast on the 5-D shape (BENCHMARKS.md).
+        let x: Tensor<B, 3> = x.reshape([b, c, n]);
         let norm = x.clone().square().sum_dim(1).sqrt().clamp_min(1e-12);
-        let mut shape = [1usize; R];
-        shape[1] = c;
-        let gamma = self.gamma.val().reshape(shape);
-        x / norm * gamma * (c as f64).sqrt()
+        let gamma = self.gamma.val().reshape([1, c, 1]) * (c as f64).sqrt();
+        (x / norm * gamma).reshape(dims)
     }
 }
 
