@@ -22,6 +22,13 @@ pub use chitu_vae as vae;
 
 pub mod parity;
 
+/// With the default `mimalloc` feature every program that links the facade allocates through
+/// mimalloc, which reuses freed buffers instead of mapping and faulting in fresh pages for each
+/// large tensor as glibc does (see BENCHMARKS.md for the measured effect).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The backend the examples and the CLI use: `burn-flex` on CPU, or CUDA with `--features cuda`.
 #[cfg(not(feature = "cuda"))]
 pub type DefaultBackend = burn_flex::Flex;
