@@ -1,5 +1,6 @@
 //! The loaded models of one pipeline (Chitu's `DiffusionBackend`).
 
+use crate::offload::{parks_dits, parks_text};
 use crate::{GenError, Offloaded, WanNativeConfig};
 use burn::tensor::backend::Backend;
 use chitu_dit::WanTransformer;
@@ -58,7 +59,7 @@ impl<B: Backend> DiffusionBackend<B> {
         }
         let load = |e: &dyn std::fmt::Display| GenError::Load(e.to_string());
         let text = TextEncoder::from_pipeline_dir(dir, device).map_err(|e| load(&e))?;
-        let text = park_text(text, device, low_mem)?;
+        let text = Offloaded::loaded("text encoder", text, device, parks_text(low_mem))?;
         let names: &[&str] = if second {
             &["transformer", "transformer_2"]
         } else {
@@ -67,7 +68,7 @@ impl<B: Backend> DiffusionBackend<B> {
         let mut model_pool = Vec::new();
         for name in names {
             let dit = WanTransformer::from_dir(dir.join(name), device).map_err(|e| load(&e))?;
-            model_pool.push(park_dit(name, dit, device, low_mem)?);
+            model_pool.push(Offloaded::loaded(*name, dit, device, parks_dits(low_mem))?);
         }
         let vae = WanVae::from_dir(dir.join("vae"), device).map_err(|e| load(&e))?;
         let scheduler_config = read_json(&dir.join("scheduler/scheduler_config.json"))?;
@@ -84,41 +85,22 @@ impl<B: Backend> DiffusionBackend<B> {
     /// Parks what `low_mem` keeps off the device: the text encoder from level 2, every DiT from
     /// level 3. Each comes back when it is next used.
     pub fn park_for(&self, low_mem: u8) -> Result<(), GenError> {
-        if low_mem >= 2 {
+        if parks_text(low_mem) {
             self.text.park()?;
         }
-        if low_mem >= 3 {
-            for dit in &self.model_pool {
+        if parks_dits(low_mem) {
+            self.park_dits_except(None)?;
+        }
+        Ok(())
+    }
+
+    /// Parks every DiT of the pool but `keep`.
+    pub(crate) fn park_dits_except(&self, keep: Option<usize>) -> Result<(), GenError> {
+        for (i, dit) in self.model_pool.iter().enumerate() {
+            if Some(i) != keep {
                 dit.park()?;
             }
         }
         Ok(())
     }
-}
-
-/// The loaded text encoder, parked at once from level 2.
-pub(crate) fn park_text<B: Backend>(
-    text: TextEncoder<B>,
-    device: &B::Device,
-    low_mem: u8,
-) -> Result<Offloaded<B, TextEncoder<B>>, GenError> {
-    let text = Offloaded::new("text encoder", text, device);
-    if low_mem >= 2 {
-        text.park()?;
-    }
-    Ok(text)
-}
-
-/// A loaded DiT, parked at once from level 3.
-pub(crate) fn park_dit<B: Backend>(
-    name: &str,
-    dit: WanTransformer<B>,
-    device: &B::Device,
-    low_mem: u8,
-) -> Result<Offloaded<B, WanTransformer<B>>, GenError> {
-    let dit = Offloaded::new(name, dit, device);
-    if low_mem >= 3 {
-        dit.park()?;
-    }
-    Ok(dit)
 }

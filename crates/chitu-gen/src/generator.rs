@@ -1,6 +1,7 @@
 //! The Generator: text encoding, the denoise loop with classifier-free guidance and the Wan2.2
 //! expert switch, and VAE decoding, staged so that one call advances one unit of work.
 
+use crate::offload::{parks_dits, parks_text};
 use crate::{DiffusionBackend, DiffusionUserParams, GenError};
 use burn::tensor::{backend::Backend, ElementConversion, Tensor, TensorData};
 use chitu_cache::{Branch, CachePolicy, CacheStats, DitCall};
@@ -252,13 +253,9 @@ impl<B: Backend> Generator<B> {
         let slot = pool.get(expert).ok_or_else(|| {
             GenError::Params(format!("the model pool has {} model(s), no model {expert}", pool.len()))
         })?;
-        if task.params.low_mem >= 3 {
+        if parks_dits(task.params.low_mem) {
             // Only the active expert on the device: park the other one before this one returns.
-            for (i, other) in pool.iter().enumerate() {
-                if i != expert {
-                    other.park()?;
-                }
-            }
+            self.backend.park_dits_except(Some(expert))?;
         }
         let latents = buf.latents.take().ok_or_else(|| GenError::Stage("no latents".into()))?;
         let num_steps = task.params.num_inference_steps;
@@ -341,9 +338,9 @@ impl<B: Backend> Generator<B> {
         match task.stage {
             Stage::TextEncode => {
                 let p = &task.params;
-                if p.low_mem >= 3 {
+                if parks_dits(p.low_mem) {
                     // No DiT is active while the prompt is encoded.
-                    self.backend.park_for(3)?;
+                    self.backend.park_dits_except(None)?;
                 }
                 // Under CFG parallelism each rank encodes only the prompt of its own branch.
                 let branch = self.cfg_branch(p);
@@ -353,7 +350,9 @@ impl<B: Backend> Generator<B> {
                 if p.cfg() && branch != Some(Branch::Cond) {
                     task.buffer.uncond = Some(self.encode_text(&p.negative_prompt, p.max_sequence_length)?);
                 }
-                self.backend.park_for(p.low_mem.min(2))?;
+                if parks_text(p.low_mem) {
+                    self.backend.text.park()?;
+                }
                 task.buffer.scheduler = Some(self.scheduler(p)?);
                 let shape = p.latent_shape(self.backend.vae.config.z_dim);
                 let latents = match task.initial_latents.take() {

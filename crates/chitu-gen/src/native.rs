@@ -6,7 +6,8 @@
 //! `Wan2.1_VAE.pth` and the tokenizer under `google/umt5-xxl/`. It carries no configs for the text
 //! encoder, VAE or sampler: those come from Wan's code, and [`WanNativeConfig`] holds them.
 
-use crate::{DiffusionBackend, GenError};
+use crate::offload::{parks_dits, parks_text};
+use crate::{DiffusionBackend, GenError, Offloaded};
 use burn::tensor::backend::Backend;
 use chitu_dit::WanTransformer;
 use chitu_text::{TextEncoder, Umt5Config};
@@ -106,7 +107,7 @@ impl<B: Backend> DiffusionBackend<B> {
         )?;
         let tokenizer = find(&dir.join("google/umt5-xxl"), &["tokenizer.json"])?;
         let text = TextEncoder::from_wan_files(&t5, &tokenizer, config.text.clone(), device).map_err(|e| load(&e))?;
-        let text = crate::backend::park_text(text, device, low_mem)?;
+        let text = Offloaded::loaded("text encoder", text, device, parks_text(low_mem))?;
 
         let experts: Vec<PathBuf> = if dir.join("high_noise_model").is_dir() {
             vec![dir.join("high_noise_model"), dir.join("low_noise_model")]
@@ -125,7 +126,7 @@ impl<B: Backend> DiffusionBackend<B> {
         for (i, d) in experts.iter().enumerate() {
             let dit = WanTransformer::from_dir(d, device).map_err(|e| load(&e))?;
             let name = ["transformer", "transformer_2"][i];
-            model_pool.push(crate::backend::park_dit(name, dit, device, low_mem)?);
+            model_pool.push(Offloaded::loaded(name, dit, device, parks_dits(low_mem))?);
         }
 
         let vae_file = find(dir, &["Wan2.1_VAE.pth", "Wan2.1_VAE.safetensors"])?;

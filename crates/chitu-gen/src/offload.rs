@@ -60,6 +60,16 @@ impl<B: Backend> Offload<B> for TextEncoder<B> {
     }
 }
 
+/// Whether memory level `low_mem` keeps the text encoder in host memory between prompts.
+pub(crate) fn parks_text(low_mem: u8) -> bool {
+    low_mem >= 2
+}
+
+/// Whether memory level `low_mem` keeps every DiT but the active one in host memory.
+pub(crate) fn parks_dits(low_mem: u8) -> bool {
+    low_mem >= 3
+}
+
 enum Slot<M> {
     Resident(M),
     Parked(HostWeights),
@@ -84,6 +94,16 @@ impl<B: Backend, M: Offload<B>> Offloaded<B, M> {
             slot: Mutex::new(Slot::Resident(model)),
             device: device.clone(),
         }
+    }
+
+    /// Wraps a model that was just loaded on `device`, parking it at once when `park`, so that
+    /// loading the next model never finds this one on the device.
+    pub fn loaded(name: impl Into<String>, model: M, device: &B::Device, park: bool) -> Result<Self, GenError> {
+        let slot = Self::new(name, model, device);
+        if park {
+            slot.park()?;
+        }
+        Ok(slot)
     }
 
     /// The model's name in errors and logs.
