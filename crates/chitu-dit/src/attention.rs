@@ -93,11 +93,11 @@ impl<B: Backend> AttentionOp<B> for AttentionKind {
     ) -> Tensor<B, 4> {
         // Heads first for the kernels.
         let (q, k, v) = (q.swap_dims(1, 2), k.swap_dims(1, 2), v.swap_dims(1, 2));
-        let [b, h, sq, _] = q.dims();
-        let sk = k.dims()[2];
         let out = match self.resolve::<B>(&q.device()) {
             Self::Reference => blocked_attention(q, k, v, key_padding, SCORE_BUDGET_BYTES),
             _ => {
+                let [b, h, sq, _] = q.dims();
+                let sk = k.dims()[2];
                 let mask = key_padding.map(|m| m.reshape([b, 1, 1, sk]).expand([b, h, sq, sk]));
                 attention(q, k, v, mask, None, AttentionModuleOptions::default())
             }
