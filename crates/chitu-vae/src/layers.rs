@@ -1,10 +1,11 @@
 //! VAE building blocks named after diffusers' keys, and the causal feature cache.
 
+use crate::conv::{causal_conv_host, conv2d_s, conv3d_t, on_host, Prologue};
 use burn::module::{Module, Param};
 use burn::nn::Initializer;
 use burn::tensor::activation::silu;
-use burn::tensor::module::{attention, conv2d, conv3d};
-use burn::tensor::ops::{AttentionModuleOptions, ConvOptions, PadMode};
+use burn::tensor::module::attention;
+use burn::tensor::ops::{AttentionModuleOptions, PadMode};
 use burn::tensor::{backend::Backend, Tensor};
 
 /// Frames of a causal conv's input kept between chunks.
@@ -102,32 +103,65 @@ impl<B: Backend> CausalConv3d<B> {
 
     /// Runs the conv, prepending `cache` frames in place of (some of) the left zero padding.
     pub fn forward(&self, x: Tensor<B, 5>, cache: Option<&Tensor<B, 5>>) -> Tensor<B, 5> {
+        let zero_t = self.pad_t - cache.map_or(0, |c| c.dims()[2].min(self.pad_t));
+        if on_host(&x) && on_host(&self.weight.val()) {
+            let prev = cache.filter(|_| self.pad_t > 0);
+            let (w, b) = (self.weight.val(), self.bias.val());
+            return causal_conv_host(x, prev, zero_t, self.pad_s, Prologue::Copy, w, b, self.stride, 0).0;
+        }
         let mut x = x;
-        let mut pad_t = self.pad_t;
         if let (Some(c), true) = (cache, self.pad_t > 0) {
-            pad_t -= c.dims()[2].min(pad_t);
             x = Tensor::cat(vec![c.clone(), x], 2);
         }
-        if pad_t > 0 {
-            x = x.pad([(pad_t, 0), (0, 0), (0, 0)], PadMode::Constant(0.0));
+        if zero_t > 0 {
+            x = x.pad([(zero_t, 0), (0, 0), (0, 0)], PadMode::Constant(0.0));
         }
-        let s = self.pad_s;
-        conv3d(
-            x,
-            self.weight.val(),
-            Some(self.bias.val()),
-            ConvOptions::new([self.stride, 1, 1], [0, s, s], [1, 1, 1], 1),
-        )
+        conv3d_t(x, self.weight.val(), self.bias.val(), self.stride, self.pad_s)
     }
 
     /// The chunked call every cached conv makes: use and refresh this conv's cache slot.
     pub fn forward_cached(&self, x: Tensor<B, 5>, cache: &mut FeatCache<B>) -> Tensor<B, 5> {
+        self.cached(x, None, cache)
+    }
+
+    /// `forward_cached(silu(norm.forward(x)))`; on CPU backends the norm and SiLU are fused into
+    /// the conv's input copy, which saves five full-size temporaries.
+    pub fn forward_norm_silu_cached(
+        &self,
+        x: Tensor<B, 5>,
+        norm: &RmsNorm<B, 4>,
+        cache: &mut FeatCache<B>,
+    ) -> Tensor<B, 5> {
+        self.cached(x, Some(norm), cache)
+    }
+
+    fn cached(&self, x: Tensor<B, 5>, norm: Option<&RmsNorm<B, 4>>, cache: &mut FeatCache<B>) -> Tensor<B, 5> {
         let idx = cache.claim();
-        let mut keep = last_frames(&x, CACHE_T);
         let prev = match &cache.slots[idx] {
             Slot::Frames(t) => Some(t.clone()),
             _ => None,
         };
+        if on_host(&x) && on_host(&self.weight.val()) && self.pad_t >= CACHE_T {
+            // The cache keeps the last CACHE_T frames of the conv's input (after the norm), which
+            // are the last frames of the padded input that are not zero padding.
+            let prev_t = prev.as_ref().map_or(0, |p| p.dims()[2].min(self.pad_t));
+            let keep = (prev_t + x.dims()[2]).min(CACHE_T);
+            let gamma = norm.map(|n| n.scaled_gamma().into_data());
+            let prologue = match &gamma {
+                Some(g) => Prologue::NormSilu(g.as_slice::<f32>().expect("f32 gamma on the host path")),
+                None => Prologue::Copy,
+            };
+            let (w, b) = (self.weight.val(), self.bias.val());
+            let zero_t = self.pad_t - prev_t;
+            let (out, kept) = causal_conv_host(x, prev.as_ref(), zero_t, self.pad_s, prologue, w, b, self.stride, keep);
+            cache.slots[idx] = Slot::Frames(kept.expect("keep > 0"));
+            return out;
+        }
+        let x = match norm {
+            Some(n) => silu(n.forward(x)),
+            None => x,
+        };
+        let mut keep = last_frames(&x, CACHE_T);
         if keep.dims()[2] < CACHE_T {
             if let Some(p) = &prev {
                 keep = Tensor::cat(vec![last_frames(p, 1), keep], 2);
@@ -155,6 +189,12 @@ impl<B: Backend, const D: usize> RmsNorm<B, D> {
         }
     }
 
+    /// Gamma times `sqrt(C)`, as a `[C]` vector.
+    pub(crate) fn scaled_gamma(&self) -> Tensor<B, 1> {
+        let c = self.gamma.dims()[0];
+        self.gamma.val().reshape([c]) * (c as f64).sqrt()
+    }
+
     /// Normalises `x` over axis 1 (channels).
     pub fn forward<const R: usize>(&self, x: Tensor<B, R>) -> Tensor<B, R> {
         let dims = x.dims();
@@ -164,7 +204,7 @@ impl<B: Backend, const D: usize> RmsNorm<B, D> {
         // 16x slower for the same broadcast on the 5-D shape (BENCHMARKS.md).
         let x: Tensor<B, 3> = x.reshape([b, c, n]);
         let norm = x.clone().square().sum_dim(1).sqrt().clamp_min(1e-12);
-        let gamma = self.gamma.val().reshape([1, c, 1]) * (c as f64).sqrt();
+        let gamma = self.scaled_gamma().reshape([1, c, 1]);
         (x / norm * gamma).reshape(dims)
     }
 }
@@ -195,8 +235,8 @@ impl<B: Backend> ResidualBlock<B> {
             Some(c) => c.forward(x.clone(), None),
             None => x.clone(),
         };
-        let x = self.conv1.forward_cached(silu(self.norm1.forward(x)), cache);
-        let x = self.conv2.forward_cached(silu(self.norm2.forward(x)), cache);
+        let x = self.conv1.forward_norm_silu_cached(x, &self.norm1, cache);
+        let x = self.conv2.forward_norm_silu_cached(x, &self.norm2, cache);
         x + h
     }
 }
@@ -327,26 +367,23 @@ impl<B: Backend> Resample<B> {
         if self.mode == 1 {
             x = self.time_upsample(x, cache);
         }
+        if self.mode <= 1 && on_host(&x) && on_host(&self.resample.weight.val()) {
+            // Upsampling fused into the conv's input copy, and the per-frame conv as a 1x3x3
+            // conv over [b, c, t, h, w]: neither the 4x larger upsampled tensor nor the
+            // frame-major copies exist.
+            let (w, b) = (self.resample.weight.val().unsqueeze_dim(2), self.resample.bias.val());
+            return causal_conv_host(x, None, 0, 1, Prologue::Upsample2x, w, b, 1, 0).0;
+        }
         let [b, c, t, h, w] = x.dims();
         let frames: Tensor<B, 4> = x.swap_dims(1, 2).reshape([b * t, c, h, w]);
         let frames = if self.mode <= 1 {
             // Nearest x2 ("nearest-exact" with an integer factor): every pixel becomes a 2x2 block.
             let up: Tensor<B, 6> = frames.reshape([b * t, c, h, 1, w, 1]);
             let up = up.expand([b * t, c, h, 2, w, 2]).reshape([b * t, c, 2 * h, 2 * w]);
-            conv2d(
-                up,
-                self.resample.weight.val(),
-                Some(self.resample.bias.val()),
-                ConvOptions::new([1, 1], [1, 1], [1, 1], 1),
-            )
+            conv2d_s(up, self.resample.weight.val(), self.resample.bias.val(), 1, 1)
         } else {
             let padded = frames.pad((0, 1, 0, 1), PadMode::Constant(0.0));
-            conv2d(
-                padded,
-                self.resample.weight.val(),
-                Some(self.resample.bias.val()),
-                ConvOptions::new([2, 2], [0, 0], [1, 1], 1),
-            )
+            conv2d_s(padded, self.resample.weight.val(), self.resample.bias.val(), 2, 0)
         };
         let [_, c2, h2, w2] = frames.dims();
         let mut x: Tensor<B, 5> = frames.reshape([b, t, c2, h2, w2]).swap_dims(1, 2);

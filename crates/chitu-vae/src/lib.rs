@@ -14,6 +14,7 @@
 //! ```
 
 mod config;
+mod conv;
 pub mod layers;
 mod load;
 mod model;

@@ -5,7 +5,6 @@ use crate::layers::{
 };
 use crate::{VaeError, WanVaeConfig};
 use burn::module::Module;
-use burn::tensor::activation::silu;
 use burn::tensor::{backend::Backend, Tensor};
 
 /// One entry of the encoder's flat layer list (`encoder.down_blocks.N`).
@@ -78,7 +77,7 @@ impl<B: Backend> Encoder<B> {
             };
         }
         let x = self.mid_block.forward(x, cache);
-        self.conv_out.forward_cached(silu(self.norm_out.forward(x)), cache)
+        self.conv_out.forward_norm_silu_cached(x, &self.norm_out, cache)
     }
 }
 
@@ -148,7 +147,7 @@ impl<B: Backend> Decoder<B> {
                 x = ups[0].forward(x, cache);
             }
         }
-        self.conv_out.forward_cached(silu(self.norm_out.forward(x)), cache)
+        self.conv_out.forward_norm_silu_cached(x, &self.norm_out, cache)
     }
 }
 
