@@ -10,13 +10,13 @@ use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
 use burn_store::{
-    ApplyResult, KeyRemapper, ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter, PytorchStore, SafetensorsStore,
-    TensorSnapshot,
+    ApplyResult, KeyRemapper, ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter, PytorchStore, TensorSnapshot,
 };
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
+mod file;
 mod host;
 pub use host::HostWeights;
 
@@ -154,15 +154,11 @@ pub fn load_strict<B: Backend, M: Module<B>>(
                 .load_from(&mut store)
                 .map_err(|e| LoadError::Mismatch(format!("{}: {e}", file.display())))?
         } else {
-            let mut store = SafetensorsStore::from_file(file)
-                .with_from_adapter(PyTorchToBurnAdapter.chain(CastFloats(DType::F32)))
-                .remap(remapper.clone())
-                .skip_enum_variants(true)
-                .allow_partial(true)
-                .validate(false);
-            module
-                .load_from(&mut store)
-                .map_err(|e| LoadError::Mismatch(format!("{}: {e}", file.display())))?
+            // Not burn-store's SafetensorsStore: it maps the file, and every page read stays
+            // resident until the load ends, doubling the peak memory (see `file.rs`).
+            let (snapshots, _) = remapper.remap(file::snapshots(file)?);
+            let adapter = PyTorchToBurnAdapter.chain(CastFloats(DType::F32));
+            module.apply(snapshots, None, Some(Box::new(adapter)), true)
         };
         let file_missing: BTreeSet<String> = result.missing.iter().map(|(path, _)| path.clone()).collect();
         missing = Some(match missing {
