@@ -40,8 +40,7 @@ impl AttentionKind {
     pub fn resolve<B: Backend>(self, device: &B::Device) -> Self {
         match self {
             Self::Auto => {
-                let name = B::name(device);
-                if name == "flex" || name.starts_with("ndarray") {
+                if chitu_store::is_host_backend::<B>(device) {
                     Self::Reference
                 } else {
                     Self::Fused

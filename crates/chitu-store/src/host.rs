@@ -12,6 +12,13 @@ use burn_store::{ModuleSnapshot, TensorSnapshot, TensorSnapshotError};
 use std::cell::RefCell;
 use std::rc::Rc;
 
+/// Whether `B` is one of burn's CPU backends (`flex`, `ndarray`), whose device memory is host
+/// memory: reading a tensor's data out costs nothing there, and CPU-specific kernels apply.
+pub fn is_host_backend<B: Backend>(device: &B::Device) -> bool {
+    let name = B::name(device);
+    name == "flex" || name.starts_with("ndarray")
+}
+
 struct Entry {
     data: TensorData,
     path: Vec<String>,

@@ -18,7 +18,7 @@ use std::rc::Rc;
 
 mod file;
 mod host;
-pub use host::HostWeights;
+pub use host::{is_host_backend, HostWeights};
 
 /// Why a checkpoint could not be loaded.
 #[derive(Debug, thiserror::Error)]

@@ -20,11 +20,10 @@ use rayon::prelude::*;
 /// 7% faster than 512 and 4% faster than 2048 on the VAE benchmark (BENCHMARKS.md).
 const TILE: usize = 1024;
 
-/// Whether the host kernels serve `x`: f32 on a CPU backend, where a tensor's data already is
-/// host memory and reading it out costs nothing.
-pub(crate) fn on_host<B: Backend, const D: usize>(x: &Tensor<B, D>) -> bool {
-    let name = B::name(&x.device());
-    (name == "flex" || name.starts_with("ndarray")) && x.dtype() == DType::F32
+/// Whether the host kernels serve a conv of `x` with `weight`: both f32 on a CPU backend, where a
+/// tensor's data already is host memory and reading it out costs nothing.
+pub(crate) fn on_host<B: Backend, const D: usize, const E: usize>(x: &Tensor<B, D>, weight: &Tensor<B, E>) -> bool {
+    chitu_store::is_host_backend::<B>(&x.device()) && x.dtype() == DType::F32 && weight.dtype() == DType::F32
 }
 
 /// The f32 elements of a tensor that [`on_host`] accepted.
@@ -347,7 +346,7 @@ pub(crate) fn conv3d_t<B: Backend>(
     stride_d: usize,
     pad: usize,
 ) -> Tensor<B, 5> {
-    if on_host(&x) && weight.dtype() == DType::F32 {
+    if on_host(&x, &weight) {
         return causal_conv_host(x, None, 0, pad, Prologue::Copy, weight, bias, stride_d, 0).0;
     }
     conv3d(
@@ -367,7 +366,7 @@ pub(crate) fn conv2d_s<B: Backend>(
     stride: usize,
     padding: usize,
 ) -> Tensor<B, 4> {
-    if stride == 1 && on_host(&x) {
+    if stride == 1 && on_host(&x, &weight) {
         return conv3d_t(x.unsqueeze_dim(2), weight.unsqueeze_dim(2), bias, 1, padding).squeeze_dim(2);
     }
     conv2d(

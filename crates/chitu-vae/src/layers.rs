@@ -103,20 +103,34 @@ impl<B: Backend> CausalConv3d<B> {
 
     /// Runs the conv, prepending `cache` frames in place of (some of) the left zero padding.
     pub fn forward(&self, x: Tensor<B, 5>, cache: Option<&Tensor<B, 5>>) -> Tensor<B, 5> {
-        let zero_t = self.pad_t - cache.map_or(0, |c| c.dims()[2].min(self.pad_t));
-        if on_host(&x) && on_host(&self.weight.val()) {
-            let prev = cache.filter(|_| self.pad_t > 0);
-            let (w, b) = (self.weight.val(), self.bias.val());
-            return causal_conv_host(x, prev, zero_t, self.pad_s, Prologue::Copy, w, b, self.stride, 0).0;
+        if on_host(&x, &self.weight.val()) {
+            return self.forward_host(x, cache, Prologue::Copy, 0).0;
         }
         let mut x = x;
+        let mut pad_t = self.pad_t;
         if let (Some(c), true) = (cache, self.pad_t > 0) {
+            pad_t -= c.dims()[2].min(pad_t);
             x = Tensor::cat(vec![c.clone(), x], 2);
         }
-        if zero_t > 0 {
-            x = x.pad([(zero_t, 0), (0, 0), (0, 0)], PadMode::Constant(0.0));
+        if pad_t > 0 {
+            x = x.pad([(pad_t, 0), (0, 0), (0, 0)], PadMode::Constant(0.0));
         }
         conv3d_t(x, self.weight.val(), self.bias.val(), self.stride, self.pad_s)
+    }
+
+    /// [`Self::forward`] on the host kernel, with `prologue` applied to `x` and the last `keep`
+    /// frames of the conv's input returned beside the output.
+    fn forward_host(
+        &self,
+        x: Tensor<B, 5>,
+        cache: Option<&Tensor<B, 5>>,
+        prologue: Prologue,
+        keep: usize,
+    ) -> (Tensor<B, 5>, Option<Tensor<B, 5>>) {
+        let prev = cache.filter(|_| self.pad_t > 0);
+        let zero_t = self.pad_t - prev.map_or(0, |c| c.dims()[2].min(self.pad_t));
+        let (w, b) = (self.weight.val(), self.bias.val());
+        causal_conv_host(x, prev, zero_t, self.pad_s, prologue, w, b, self.stride, keep)
     }
 
     /// The chunked call every cached conv makes: use and refresh this conv's cache slot.
@@ -141,7 +155,7 @@ impl<B: Backend> CausalConv3d<B> {
             Slot::Frames(t) => Some(t.clone()),
             _ => None,
         };
-        if on_host(&x) && on_host(&self.weight.val()) && self.pad_t >= CACHE_T {
+        if on_host(&x, &self.weight.val()) && self.pad_t >= CACHE_T {
             // The cache keeps the last CACHE_T frames of the conv's input (after the norm), which
             // are the last frames of the padded input that are not zero padding.
             let prev_t = prev.as_ref().map_or(0, |p| p.dims()[2].min(self.pad_t));
@@ -151,9 +165,7 @@ impl<B: Backend> CausalConv3d<B> {
                 Some(g) => Prologue::NormSilu(g.as_slice::<f32>().expect("f32 gamma on the host path")),
                 None => Prologue::Copy,
             };
-            let (w, b) = (self.weight.val(), self.bias.val());
-            let zero_t = self.pad_t - prev_t;
-            let (out, kept) = causal_conv_host(x, prev.as_ref(), zero_t, self.pad_s, prologue, w, b, self.stride, keep);
+            let (out, kept) = self.forward_host(x, prev.as_ref(), prologue, keep);
             cache.slots[idx] = Slot::Frames(kept.expect("keep > 0"));
             return out;
         }
@@ -367,7 +379,7 @@ impl<B: Backend> Resample<B> {
         if self.mode == 1 {
             x = self.time_upsample(x, cache);
         }
-        if self.mode <= 1 && on_host(&x) && on_host(&self.resample.weight.val()) {
+        if self.mode <= 1 && on_host(&x, &self.resample.weight.val()) {
             // Upsampling fused into the conv's input copy, and the per-frame conv as a 1x3x3
             // conv over [b, c, t, h, w]: neither the 4x larger upsampled tensor nor the
             // frame-major copies exist.
