@@ -93,13 +93,16 @@ pub(crate) fn snapshots(path: &Path) -> Result<Vec<TensorSnapshot>, LoadError> {
                 offsets.len()
             )));
         };
-        let bytes = shape.iter().product::<usize>() as u64 * size as u64;
-        if end < start || end - start != bytes || data_start + end > file_len {
+        // Checked: a hostile header must give an error, not an overflow.
+        let bytes = shape.iter().try_fold(size as u64, |acc, &d| acc.checked_mul(d as u64));
+        let fits = data_start.checked_add(end).is_some_and(|e| e <= file_len);
+        let Some(bytes) = bytes.filter(|&b| end >= start && end - start == b && fits) else {
+            let bytes = bytes.map_or("an overflowing number of".to_owned(), |b| b.to_string());
             return Err(bad(format!(
                 "tensor {name} ({dt_name} {shape:?}) has data_offsets [{start}, {end}], \
                  which do not hold its {bytes} bytes inside the file"
             )));
-        }
+        };
         let (file, at, shape_c, name_c) = (file.clone(), data_start + start, shape.clone(), name.clone());
         let read = Rc::new(move || -> Result<TensorData, TensorSnapshotError> {
             let mut f = file.borrow_mut();
@@ -181,6 +184,12 @@ mod tests {
             &[0; 16],
         ));
         assert!(e.contains("12 bytes"), "{e}");
+        let huge = format!(
+            r#"{{"a":{{"dtype":"F32","shape":[{0},{0}],"data_offsets":[0,8]}}}}"#,
+            u64::MAX / 2
+        );
+        let e = err(file_with(&huge, &[0; 8]));
+        assert!(e.contains("overflowing"), "{e}");
         let e = err(file_with(
             r#"{"a":{"dtype":"C64","shape":[1],"data_offsets":[0,8]}}"#,
             &[0; 8],
