@@ -105,3 +105,40 @@ fn wan_checkpoint_layout_loads_to_the_same_encoder() {
         .to_string();
     assert!(e.contains("blocks.1.ffn.wi_0.weight"), "{e}");
 }
+
+#[test]
+fn token_table_in_file_or_on_device_gives_the_same_states() {
+    use chitu::text::{TextLayout, TokenTable, Umt5Encoder};
+    let dir = model_dir().join("text_encoder");
+    let config: Umt5Config = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let files = [dir.join("model.safetensors")];
+    let dev = default_device();
+    let load = |table| {
+        Umt5Encoder::<B>::new(config.clone(), &dev)
+            .unwrap()
+            .load_weights_with(&files, TextLayout::Transformers, table)
+    };
+    let in_file = load(TokenTable::InFile).unwrap();
+    let on_device = load(TokenTable::OnDevice).unwrap();
+    assert!(in_file.token_embedding.is_none() && in_file.token_rows.is_some());
+    assert!(on_device.token_embedding.is_some() && on_device.token_rows.is_none());
+    // Repeated ids (padding) and the last row of the table.
+    let last = config.vocab_size as i64 - 1;
+    let ids = [5, 0, last, 0, 0, 17, 5, 1];
+    let mask = [1, 1, 1, 1, 1, 1, 0, 0];
+    let a = floats(in_file.forward(&ids, &mask, 2, &dev).unwrap());
+    let b = floats(on_device.forward(&ids, &mask, 2, &dev).unwrap());
+    assert_eq!(a, b);
+
+    // A table of another size than the config's is refused, naming the tensor and both shapes.
+    let small = Umt5Config {
+        vocab_size: config.vocab_size - 1,
+        ..config.clone()
+    };
+    let e = Umt5Encoder::<B>::new(small, &dev)
+        .unwrap()
+        .load_weights(&files, TextLayout::Transformers)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("token_embedding.weight") && e.contains("bad tensors"), "{e}");
+}

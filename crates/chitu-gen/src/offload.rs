@@ -9,9 +9,9 @@
 use crate::GenError;
 use burn::tensor::backend::Backend;
 use chitu_dit::{WanDitConfig, WanTransformer};
-use chitu_store::HostWeights;
+use chitu_store::{FileRows, HostWeights};
 use chitu_text::{T5Tokenizer, TextEncoder, Umt5Config, Umt5Encoder};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// A model whose tensors can move to host memory and back.
 pub trait Offload<B: Backend>: Sized + Send {
@@ -42,19 +42,33 @@ impl<B: Backend> Offload<B> for WanTransformer<B> {
     }
 }
 
+/// A token table read from its file stays there; only the device tensors are parked.
 impl<B: Backend> Offload<B> for TextEncoder<B> {
-    type Shell = (T5Tokenizer, Umt5Config);
+    type Shell = (T5Tokenizer, Umt5Config, Option<Arc<FileRows>>);
 
     fn shell(&self) -> Self::Shell {
-        (self.tokenizer.clone(), self.encoder.config.clone())
+        let encoder = &self.encoder;
+        (
+            self.tokenizer.clone(),
+            encoder.config.clone(),
+            encoder.token_rows.clone(),
+        )
     }
 
     fn to_host(&self) -> Result<HostWeights, String> {
         HostWeights::from_module(&self.encoder).map_err(|e| e.to_string())
     }
 
-    fn from_host((tokenizer, config): &Self::Shell, host: HostWeights, device: &B::Device) -> Result<Self, String> {
-        let skeleton = Umt5Encoder::new(config.clone(), device).map_err(|e| e.to_string())?;
+    fn from_host(
+        (tokenizer, config, rows): &Self::Shell,
+        host: HostWeights,
+        device: &B::Device,
+    ) -> Result<Self, String> {
+        let mut skeleton = Umt5Encoder::new(config.clone(), device).map_err(|e| e.to_string())?;
+        if rows.is_some() {
+            skeleton.token_embedding = None;
+            skeleton.token_rows = rows.clone();
+        }
         let encoder = host.into_module(skeleton).map_err(|e| e.to_string())?;
         Ok(TextEncoder::new(tokenizer.clone(), encoder, device.clone()))
     }

@@ -48,9 +48,20 @@ fn read_elems<T: bytemuck::Pod + Send + Sync>(f: &mut File, at: u64, len: usize)
     Ok(Bytes::from_elems(buf))
 }
 
-/// One lazy snapshot per tensor of the safetensors file at `path`; reading a snapshot's data
-/// reads that tensor's bytes from the file.
-pub(crate) fn snapshots(path: &Path) -> Result<Vec<TensorSnapshot>, LoadError> {
+/// Where one tensor of a safetensors file lies.
+pub(crate) struct Entry {
+    pub name: String,
+    pub dtype: DType,
+    /// Bytes per element.
+    pub size: usize,
+    pub shape: Vec<usize>,
+    /// Absolute offset of the first byte.
+    pub at: u64,
+    pub bytes: u64,
+}
+
+/// The open file and its tensors, with every entry checked to lie inside the file.
+pub(crate) fn header(path: &Path) -> Result<(File, Vec<Entry>), LoadError> {
     let io = |e| LoadError::Io(path.display().to_string(), e);
     let bad = |why: String| LoadError::Mismatch(format!("{}: not a valid safetensors file: {why}", path.display()));
     let mut file = File::open(path).map_err(io)?;
@@ -69,7 +80,6 @@ pub(crate) fn snapshots(path: &Path) -> Result<Vec<TensorSnapshot>, LoadError> {
     let header: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(&header).map_err(|e| bad(format!("header is not a JSON object: {e}")))?;
     let data_start = 8 + n;
-    let file = Rc::new(RefCell::new(file));
     let mut out = Vec::with_capacity(header.len());
     for (name, info) in header {
         if name == "__metadata__" {
@@ -77,7 +87,7 @@ pub(crate) fn snapshots(path: &Path) -> Result<Vec<TensorSnapshot>, LoadError> {
         }
         let field = |k: &str| info.get(k).ok_or_else(|| bad(format!("tensor {name} has no {k}")));
         let dt_name = field("dtype")?.as_str().unwrap_or_default().to_owned();
-        let (dt, size) =
+        let (dtype, size) =
             dtype(&dt_name).ok_or_else(|| bad(format!("tensor {name} has unsupported dtype {dt_name:?}")))?;
         let ints = |k: &str| -> Result<Vec<u64>, LoadError> {
             field(k)?
@@ -103,27 +113,47 @@ pub(crate) fn snapshots(path: &Path) -> Result<Vec<TensorSnapshot>, LoadError> {
                  which do not hold its {bytes} bytes inside the file"
             )));
         };
-        let (file, at, shape_c, name_c) = (file.clone(), data_start + start, shape.clone(), name.clone());
+        out.push(Entry {
+            name,
+            dtype,
+            size,
+            shape,
+            at: data_start + start,
+            bytes,
+        });
+    }
+    Ok((file, out))
+}
+
+/// One lazy snapshot per tensor of the safetensors file at `path`; reading a snapshot's data
+/// reads that tensor's bytes from the file.
+pub(crate) fn snapshots(path: &Path) -> Result<Vec<TensorSnapshot>, LoadError> {
+    let (file, entries) = header(path)?;
+    let file = Rc::new(RefCell::new(file));
+    let mut out = Vec::with_capacity(entries.len());
+    for e in entries {
+        let (file, name) = (file.clone(), e.name.clone());
+        let (at, bytes, size, dtype, shape) = (e.at, e.bytes as usize, e.size, e.dtype, e.shape.clone());
         let read = Rc::new(move || -> Result<TensorData, TensorSnapshotError> {
             let mut f = file.borrow_mut();
-            let bytes = match size {
-                8 => read_elems::<u64>(&mut f, at, bytes as usize),
-                4 => read_elems::<u32>(&mut f, at, bytes as usize),
-                2 => read_elems::<u16>(&mut f, at, bytes as usize),
-                _ => read_elems::<u8>(&mut f, at, bytes as usize),
+            let data = match size {
+                8 => read_elems::<u64>(&mut f, at, bytes),
+                4 => read_elems::<u32>(&mut f, at, bytes),
+                2 => read_elems::<u16>(&mut f, at, bytes),
+                _ => read_elems::<u8>(&mut f, at, bytes),
             }
-            .map_err(|e| TensorSnapshotError::IoError(format!("reading tensor {name_c}: {e}")))?;
+            .map_err(|err| TensorSnapshotError::IoError(format!("reading tensor {name}: {err}")))?;
             Ok(TensorData {
-                bytes,
-                shape: Shape::from(shape_c.clone()),
-                dtype: dt,
+                bytes: data,
+                shape: Shape::from(shape.clone()),
+                dtype,
             })
         });
-        let path_parts = name.split('.').map(str::to_owned).collect();
+        let path_parts = e.name.split('.').map(str::to_owned).collect();
         out.push(TensorSnapshot::from_closure(
             read,
-            dt,
-            Shape::from(shape),
+            e.dtype,
+            Shape::from(e.shape),
             path_parts,
             Vec::new(),
             ParamId::new(),

@@ -18,7 +18,9 @@ use std::rc::Rc;
 
 mod file;
 mod host;
+mod rows;
 pub use host::{is_host_backend, HostWeights};
+pub use rows::FileRows;
 
 /// Why a checkpoint could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +127,19 @@ pub fn load_strict<B: Backend, M: Module<B>>(
     remap: &[(impl AsRef<str>, impl AsRef<str>)],
     label: &str,
 ) -> Result<(M, LoadReport), LoadError> {
+    load_strict_leaving(module, files, remap, label, &[])
+}
+
+/// [`load_strict`], except that checkpoint tensors remapped to one of the module paths in `left`
+/// are neither read nor reported as unexpected: the caller reads them some other way (a table
+/// kept in its file, [`FileRows`]).
+pub fn load_strict_leaving<B: Backend, M: Module<B>>(
+    module: M,
+    files: &[PathBuf],
+    remap: &[(impl AsRef<str>, impl AsRef<str>)],
+    label: &str,
+    left: &[&str],
+) -> Result<(M, LoadReport), LoadError> {
     let pairs: Vec<(&str, &str)> = remap.iter().map(|(a, b)| (a.as_ref(), b.as_ref())).collect();
     let remapper =
         KeyRemapper::from_patterns(pairs).map_err(|e| LoadError::Mismatch(format!("bad remap table: {e}")))?;
@@ -156,7 +171,8 @@ pub fn load_strict<B: Backend, M: Module<B>>(
         } else {
             // Not burn-store's SafetensorsStore: it maps the file, and every page read stays
             // resident until the load ends, doubling the peak memory (see `file.rs`).
-            let (snapshots, _) = remapper.remap(file::snapshots(file)?);
+            let (mut snapshots, _) = remapper.remap(file::snapshots(file)?);
+            snapshots.retain(|s| !left.contains(&s.full_path().as_str()));
             let adapter = PyTorchToBurnAdapter.chain(CastFloats(DType::F32));
             module.apply(snapshots, None, Some(Box::new(adapter)), true)
         };
@@ -174,6 +190,7 @@ pub fn load_strict<B: Backend, M: Module<B>>(
             result
                 .unused
                 .into_iter()
+                .filter(|k| !left.contains(&k.as_str()))
                 .map(|k| format!("{k} (in {})", file.display())),
         );
         errors.extend(result.errors.iter().map(|e| format!("{e:?}")));

@@ -9,6 +9,8 @@ use burn::tensor::activation::sigmoid;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
+use chitu_store::FileRows;
+use std::sync::Arc;
 
 /// T5's bidirectional relative-position bucket of `relative_position = key - query`, computed in
 /// float32 as transformers does so that bucket edges land where they land there.
@@ -141,7 +143,11 @@ fn gelu_tanh<B: Backend>(x: Tensor<B, 3>) -> Tensor<B, 3> {
 /// transformers' `UMT5EncoderModel`.
 #[derive(Module, Debug)]
 pub struct Umt5Encoder<B: Backend> {
-    pub token_embedding: Embedding<B>,
+    /// The token table as a device tensor; `None` when it is read from its file (`token_rows`).
+    pub token_embedding: Option<Embedding<B>>,
+    /// The token table left in its checkpoint file ([`crate::TokenTable::InFile`]).
+    #[module(skip)]
+    pub token_rows: Option<Arc<FileRows>>,
     pub blocks: Vec<Umt5Block<B>>,
     pub norm: T5LayerNorm<B>,
     #[module(skip)]
@@ -153,7 +159,8 @@ impl<B: Backend> Umt5Encoder<B> {
     pub fn new(config: Umt5Config, device: &B::Device) -> Result<Self, TextError> {
         config.validate()?;
         Ok(Self {
-            token_embedding: EmbeddingConfig::new(config.vocab_size, config.d_model).init(device),
+            token_embedding: Some(EmbeddingConfig::new(config.vocab_size, config.d_model).init(device)),
+            token_rows: None,
             blocks: (0..config.num_layers)
                 .map(|_| Umt5Block::new(&config, device))
                 .collect(),
@@ -200,12 +207,32 @@ impl<B: Backend> Umt5Encoder<B> {
             TensorData::new(mask.iter().map(|&m| m == 0).collect::<Vec<_>>(), [batch, l]),
             device,
         );
-        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.to_vec(), [batch, l]), device);
-        let mut x = self.token_embedding.forward(ids);
+        let mut x = self.embed(ids, batch, device)?;
         for block in &self.blocks {
             x = block.forward(x, buckets.clone(), pad.clone());
         }
         Ok(self.norm.forward(x))
+    }
+}
+
+impl<B: Backend> Umt5Encoder<B> {
+    /// `[B, L, d_model]` token embeddings of in-vocabulary `ids`.
+    fn embed(&self, ids: &[i64], batch: usize, device: &B::Device) -> Result<Tensor<B, 3>, TextError> {
+        let l = ids.len() / batch;
+        if let Some(table) = &self.token_embedding {
+            let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.to_vec(), [batch, l]), device);
+            return Ok(table.forward(ids));
+        }
+        let rows = self
+            .token_rows
+            .as_ref()
+            .ok_or_else(|| TextError::Weights("the UMT5 encoder has no token table".into()))?;
+        let ids: Vec<usize> = ids.iter().map(|&i| i as usize).collect();
+        let x = rows.gather(&ids).map_err(|e| TextError::Weights(e.to_string()))?;
+        Ok(Tensor::from_data(
+            TensorData::new(x, [batch, l, self.config.d_model]),
+            device,
+        ))
     }
 }
 

@@ -20,7 +20,7 @@ mod tokenizer;
 
 pub use config::Umt5Config;
 pub use encoder::{relative_position_bucket, Umt5Block, Umt5Encoder};
-pub use load::{TextEncoder, TextLayout};
+pub use load::{TextEncoder, TextLayout, TokenTable};
 pub use tokenizer::{clean_prompt, Encoded, T5Tokenizer};
 
 /// Errors from the tokenizer or the encoder.

@@ -1,9 +1,11 @@
 //! Loading the text side of a Wan model, and the pipeline's `encode_prompt`.
 
 use crate::{Encoded, T5Tokenizer, TextError, Umt5Config, Umt5Encoder};
+use burn::nn::EmbeddingConfig;
 use burn::tensor::{backend::Backend, Tensor, TensorData};
-use chitu_store::{load_strict, read_json, weight_files, LoadError};
+use chitu_store::{load_strict_leaving, read_json, weight_files, FileRows, LoadError};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Which naming scheme an encoder checkpoint uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,12 +55,55 @@ impl TextLayout {
     }
 }
 
+/// Where a loaded encoder keeps its token table, at 256,384 × 4,096 the largest weight of
+/// UMT5-XXL (4 GiB as f32, 2 GiB in bf16) and one of which a prompt reads at most 512 rows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TokenTable {
+    /// Left in its safetensors file; each prompt reads the rows it uses (bf16 and f16 rows
+    /// become f32 exactly). The file must stay in place while the encoder lives. A `.pth`
+    /// checkpoint loads its table on the device instead.
+    #[default]
+    InFile,
+    /// Loaded on the device with the other weights.
+    OnDevice,
+}
+
+/// The module path of the token table.
+const TABLE: &str = "token_embedding.weight";
+
 impl<B: Backend> Umt5Encoder<B> {
-    /// Loads weights (safetensors files or shards, or a `.pth`) in the given layout.
+    /// Loads weights (safetensors files or shards, or a `.pth`) in the given layout, leaving the
+    /// token table in its file ([`TokenTable::InFile`]).
     pub fn load_weights(self, files: &[PathBuf], layout: TextLayout) -> Result<Self, TextError> {
-        load_strict(self, files, layout.remap_table(), &format!("{layout:?} UMT5"))
-            .map(|(m, _)| m)
-            .map_err(|e| TextError::Weights(e.to_string()))
+        self.load_weights_with(files, layout, TokenTable::default())
+    }
+
+    /// Loads weights in the given layout, keeping the token table where `table` says.
+    pub fn load_weights_with(
+        mut self,
+        files: &[PathBuf],
+        layout: TextLayout,
+        table: TokenTable,
+    ) -> Result<Self, TextError> {
+        let weights = |e: LoadError| TextError::Weights(e.to_string());
+        let label = format!("{layout:?} UMT5");
+        let (vocab, d) = (self.config.vocab_size, self.config.d_model);
+        let rows = match table {
+            TokenTable::InFile => FileRows::find(files, layout.remap_table(), TABLE).map_err(weights)?,
+            TokenTable::OnDevice => None,
+        }
+        // A table of the wrong shape goes to the strict loader, which reports it with the rest.
+        .filter(|rows| (rows.rows(), rows.cols()) == (vocab, d));
+        if rows.is_some() {
+            self.token_embedding = None;
+        } else if self.token_embedding.is_none() {
+            let device = self.norm.weight.device();
+            self.token_embedding = Some(EmbeddingConfig::new(vocab, d).init(&device));
+        }
+        let left: &[&str] = if rows.is_some() { &[TABLE] } else { &[] };
+        let (mut encoder, _) = load_strict_leaving(self, files, layout.remap_table(), &label, left).map_err(weights)?;
+        encoder.token_rows = rows.map(Arc::new);
+        Ok(encoder)
     }
 
     /// Loads a transformers `text_encoder/` folder: `config.json` plus `model.safetensors` or
