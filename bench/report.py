@@ -33,10 +33,15 @@ def main(lines_file, out_dir):
     threads = rows[0]["threads"] if rows else 0
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     versions = next((r.get("versions") for r in rows if r.get("versions")), {})
+    runs = {r["workload"]: len(r["times_s"]) for r in rows if r["impl"] == "chitu"}
+    if len(set(runs.values())) <= 1:
+        counts = f"{next(iter(runs.values()), 0)} runs"
+    else:
+        counts = "runs: " + ", ".join(f"{w} {n}" for w, n in runs.items())
     head = (
         f"Machine: {cpu_name()}, {threads} threads on each side; chitu-rs {commit} (burn-flex, f32); "
         f"PyTorch {versions.get('torch', '?')}, diffusers {versions.get('diffusers', '?')}; "
-        f"{time.strftime('%Y-%m-%d')}. Medians over {len(rows[0]['times_s']) if rows else 0} runs after a warm-up.\n"
+        f"{time.strftime('%Y-%m-%d')}. Medians after a warm-up ({counts}).\n"
     )
     table = [
         "| workload | chitu median s | PyTorch median s | ratio PyTorch/chitu | chitu peak RSS | PyTorch peak RSS |",

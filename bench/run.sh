@@ -2,7 +2,7 @@
 # Times chitu-rs against PyTorch/diffusers on identical workloads and random weights, on this
 # machine, and prints one markdown table (also written to bench/results/latest.md and a JSON file).
 #
-#   bash bench/run.sh                 # all workloads, all cores, 3 runs each after a warm-up
+#   bash bench/run.sh                 # all workloads, all cores, 3 runs each after a warm-up (30 for the pipeline)
 #   THREADS=2 RUNS=5 WORKLOADS="dit umt5" bash bench/run.sh
 #
 # On first use it creates a throwaway venv outside the repository (BENCH_VENV, default
@@ -34,10 +34,14 @@ cargo build --release --example bench_compare >&2
 
 LINES=$(mktemp)
 for w in $WORKLOADS; do
+    # The pipeline on the parity model takes tens of milliseconds, so a few runs give a median
+    # that moves by half between sessions; ten times as many keep it steady.
+    runs=$RUNS
+    [ "$w" = pipeline ] && runs=$((RUNS * 10))
     echo "timing $w: chitu" >&2
-    RAYON_NUM_THREADS=$THREADS target/release/examples/bench_compare "$w" "$BENCH_WORK" "$RUNS" | tee -a "$LINES" >&2
+    RAYON_NUM_THREADS=$THREADS target/release/examples/bench_compare "$w" "$BENCH_WORK" "$runs" | tee -a "$LINES" >&2
     echo "timing $w: pytorch" >&2
-    OMP_NUM_THREADS=$THREADS "$PY" bench/torch_side.py time "$w" "$BENCH_WORK" "$THREADS" "$RUNS" | tee -a "$LINES" >&2
+    OMP_NUM_THREADS=$THREADS "$PY" bench/torch_side.py time "$w" "$BENCH_WORK" "$THREADS" "$runs" | tee -a "$LINES" >&2
 done
 mkdir -p bench/results
 "$PY" bench/report.py "$LINES" bench/results
