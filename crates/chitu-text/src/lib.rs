@@ -3,6 +3,9 @@
 //! [`TextEncoder::encode_prompt`] gives what diffusers' `WanPipeline` feeds the DiT: encoder states
 //! trimmed to each prompt's length and zero beyond it, `[B, max_len, d_model]`.
 //!
+//! Loading leaves the token table (a fifth of UMT5-XXL) in its safetensors file and reads the
+//! rows each prompt uses ([`TokenTable`]).
+//!
 //! ```no_run
 //! use burn_flex::Flex;
 //! use chitu_text::TextEncoder;
