@@ -142,3 +142,29 @@ fn token_table_in_file_or_on_device_gives_the_same_states() {
         .to_string();
     assert!(e.contains("token_embedding.weight") && e.contains("bad tensors"), "{e}");
 }
+
+/// Wan ships its UMT5 as a bf16 PyTorch pickle; `tests/fixtures/wan_pth/make.py` wrote the tiny
+/// encoder that way and as safetensors from the same bf16 tensors.
+#[test]
+fn a_bf16_wan_pickle_loads_to_the_same_encoder_as_its_safetensors() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/wan_pth");
+    let config: Umt5Config =
+        serde_json::from_str(&std::fs::read_to_string(model_dir().join("text_encoder/config.json")).unwrap()).unwrap();
+    let tok = model_dir().join("tokenizer/tokenizer.json");
+    let dev = default_device();
+    let pth = TextEncoder::<B>::from_wan_files(dir.join("umt5.pth"), &tok, config.clone(), &dev).unwrap();
+    let st = TextEncoder::<B>::from_wan_files(dir.join("umt5.safetensors"), &tok, config, &dev).unwrap();
+    // A pickle's table loads whole; the safetensors one stays in its file.
+    assert!(pth.encoder.token_embedding.is_some() && pth.encoder.token_rows.is_none());
+    assert!(st.encoder.token_rows.is_some());
+    let prompts = ["A cat walking on grass", "blurry, low quality, static"];
+    let a = floats(pth.encode_prompt(&prompts, 24).unwrap());
+    let b = floats(st.encode_prompt(&prompts, 24).unwrap());
+    assert!(a.iter().any(|&v| v != 0.0));
+    assert_eq!(a, b);
+    // bf16 weights give states near, not equal to, the f32 checkpoint's.
+    let f32_states = TextEncoder::<B>::from_pipeline_dir(model_dir(), &dev).unwrap();
+    let c = floats(f32_states.encode_prompt(&prompts, 24).unwrap());
+    let e = rel_l2(&a, &c);
+    assert!(e > 0.0 && e < 2e-2, "{e}");
+}

@@ -3,14 +3,16 @@
 //! A model crate names its modules after one checkpoint layout and gives one remap table (regex →
 //! replacement, applied in order) per other layout. [`load_strict`] reads one safetensors file,
 //! the shards a `*.safetensors.index.json` lists, or a PyTorch `.pth`/`.pt` pickle, casts float
-//! weights to f32, drops enum variant names from module paths (PyTorch has none), and fails with the offending keys listed when anything is missing, unexpected
+//! weights to f32 tensor by tensor as they are read, drops enum variant names from module paths
+//! (PyTorch has none), and fails with the offending keys listed when anything is missing, unexpected
 //! or of the wrong shape: a checkpoint never loads half-way.
 
-use burn::module::{Module, ModuleMapper, Param};
+use burn::module::Module;
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Tensor};
+use burn::tensor::DType;
 use burn_store::{
-    ApplyResult, KeyRemapper, ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter, PytorchStore, TensorSnapshot,
+    ApplyResult, KeyRemapper, ModuleAdapter, ModuleSnapshot, ModuleStore, PyTorchToBurnAdapter, PytorchStore,
+    TensorSnapshot,
 };
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -98,16 +100,6 @@ impl ModuleAdapter for CastFloats {
     }
 }
 
-/// Casts every float parameter of a module (PyTorch pickles load in their stored dtype).
-struct CastParams(DType);
-
-impl<B: Backend> ModuleMapper<B> for CastParams {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let target = self.0;
-        param.map(|t| if t.dtype() == target { t } else { t.cast(target) })
-    }
-}
-
 /// What a load applied.
 #[derive(Debug, Clone, Default)]
 pub struct LoadReport {
@@ -149,7 +141,6 @@ pub fn load_strict_leaving<B: Backend, M: Module<B>>(
     let mut missing: Option<BTreeSet<String>> = None;
     let mut applied = BTreeSet::new();
     let (mut unused, mut errors) = (Vec::new(), Vec::new());
-    let mut any_pickle = false;
     for file in files {
         if !file.exists() {
             return Err(LoadError::Mismatch(format!(
@@ -158,16 +149,21 @@ pub fn load_strict_leaving<B: Backend, M: Module<B>>(
             )));
         }
         let is_pickle = matches!(file.extension().and_then(|e| e.to_str()), Some("pth" | "pt" | "bin"));
-        any_pickle |= is_pickle;
         let result: ApplyResult = if is_pickle {
-            let mut store = PytorchStore::from_file(file)
-                .remap(remapper.clone())
-                .skip_enum_variants(true)
-                .allow_partial(true)
-                .validate(false);
-            module
-                .load_from(&mut store)
+            // The store's snapshots, applied with the f32 cast like safetensors: its own
+            // `load_from` fills the module in the stored dtype, and casting afterwards held the
+            // bf16 and the f32 model at once.
+            let mut store = PytorchStore::from_file(file).remap(remapper.clone());
+            let mut snapshots: Vec<TensorSnapshot> = store
+                .get_all_snapshots()
                 .map_err(|e| LoadError::Mismatch(format!("{}: {e}", file.display())))?
+                .values()
+                .cloned()
+                .collect();
+            drop(store);
+            snapshots.retain(|s| !left.contains(&s.full_path().as_str()));
+            let adapter = PyTorchToBurnAdapter.chain(CastFloats(DType::F32));
+            module.apply(snapshots, None, Some(Box::new(adapter)), true)
         } else {
             // Not burn-store's SafetensorsStore: it maps the file, and every page read stays
             // resident until the load ends, doubling the peak memory (see `file.rs`).
@@ -211,9 +207,6 @@ pub fn load_strict_leaving<B: Backend, M: Module<B>>(
             "{label} checkpoint: {}",
             problems.join("; ")
         )));
-    }
-    if any_pickle {
-        module = module.map(&mut CastParams(DType::F32));
     }
     let report = LoadReport {
         applied: applied.len(),
