@@ -3,6 +3,8 @@
 `make DIR` writes random-weight models and inputs for every workload into DIR (diffusers and
 transformers layouts, safetensors, f32) so that both implementations load identical weights.
 `time WORKLOAD DIR THREADS RUNS` times one workload in this process and prints one JSON line.
+`wan_t5 DIR` rewrites DIR/umt5 in Wan's `t5.py` key layout in bf16, as the `.pth` Wan releases
+ship and as safetensors, into DIR/umt5_wan (for `examples/bench_load.rs`).
 """
 import json
 import os
@@ -19,6 +21,35 @@ DIT = dict(
     text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
     eps=1e-6, rope_max_seq_len=1024,
 )
+
+
+WAN_T5_BLOCK = {
+    "layer.0.SelfAttention.relative_attention_bias.weight": "pos_embedding.embedding.weight",
+    "layer.0.layer_norm.weight": "norm1.weight",
+    "layer.1.layer_norm.weight": "norm2.weight",
+    "layer.1.DenseReluDense.wi_0.weight": "ffn.gate.0.weight",
+    "layer.1.DenseReluDense.wi_1.weight": "ffn.fc1.weight",
+    "layer.1.DenseReluDense.wo.weight": "ffn.fc2.weight",
+}
+
+
+def wan_t5(root):
+    def name(key):
+        if key == "shared.weight":
+            return "token_embedding.weight"
+        if key == "encoder.final_layer_norm.weight":
+            return "norm.weight"
+        parts = key.split(".")
+        rest = ".".join(parts[3:])
+        return f"blocks.{parts[2]}." + WAN_T5_BLOCK.get(rest, rest.replace("layer.0.SelfAttention.", "attn."))
+
+    src = load_file(os.path.join(root, "umt5", "model.safetensors"))
+    weights = {name(k): v.to(torch.bfloat16).contiguous() for k, v in src.items()}
+    del src
+    out = os.path.join(root, "umt5_wan")
+    os.makedirs(out, exist_ok=True)
+    torch.save(weights, os.path.join(out, "umt5.pth"))
+    save_file(weights, os.path.join(out, "umt5.safetensors"))
 
 
 def make(root):
@@ -92,6 +123,8 @@ def time_it(name, root, threads, runs, repo):
 if __name__ == "__main__":
     if sys.argv[1] == "make":
         make(sys.argv[2])
+    elif sys.argv[1] == "wan_t5":
+        wan_t5(sys.argv[2])
     elif sys.argv[1] == "time":
         name, root, threads, runs = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
         time_it(name, root, threads, runs, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
