@@ -33,18 +33,20 @@ WAN_T5_BLOCK = {
 }
 
 
-def wan_t5(root):
-    def name(key):
-        if key == "shared.weight":
-            return "token_embedding.weight"
-        if key == "encoder.final_layer_norm.weight":
-            return "norm.weight"
-        parts = key.split(".")
-        rest = ".".join(parts[3:])
-        return f"blocks.{parts[2]}." + WAN_T5_BLOCK.get(rest, rest.replace("layer.0.SelfAttention.", "attn."))
+def wan_t5_name(key):
+    """Wan's `t5.py` name of a transformers UMT5 encoder key."""
+    if key == "shared.weight":
+        return "token_embedding.weight"
+    if key == "encoder.final_layer_norm.weight":
+        return "norm.weight"
+    parts = key.split(".")
+    rest = ".".join(parts[3:])
+    return f"blocks.{parts[2]}." + WAN_T5_BLOCK.get(rest, rest.replace("layer.0.SelfAttention.", "attn."))
 
+
+def wan_t5(root):
     src = load_file(os.path.join(root, "umt5", "model.safetensors"))
-    weights = {name(k): v.to(torch.bfloat16).contiguous() for k, v in src.items()}
+    weights = {wan_t5_name(k): v.to(torch.bfloat16).contiguous() for k, v in src.items()}
     del src
     out = os.path.join(root, "umt5_wan")
     os.makedirs(out, exist_ok=True)
