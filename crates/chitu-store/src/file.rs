@@ -129,6 +129,11 @@ pub(crate) fn header(path: &Path) -> Result<(File, Vec<Entry>), LoadError> {
 /// reads that tensor's bytes from the file.
 pub(crate) fn snapshots(path: &Path) -> Result<Vec<TensorSnapshot>, LoadError> {
     let (file, entries) = header(path)?;
+    Ok(snapshots_of(file, &entries))
+}
+
+/// One lazy snapshot per entry of a [`header`], reading from `file`.
+pub(crate) fn snapshots_of(file: File, entries: &[Entry]) -> Vec<TensorSnapshot> {
     let file = Rc::new(RefCell::new(file));
     let mut out = Vec::with_capacity(entries.len());
     for e in entries {
@@ -153,13 +158,13 @@ pub(crate) fn snapshots(path: &Path) -> Result<Vec<TensorSnapshot>, LoadError> {
         out.push(TensorSnapshot::from_closure(
             read,
             e.dtype,
-            Shape::from(e.shape),
+            Shape::from(e.shape.clone()),
             path_parts,
             Vec::new(),
             ParamId::new(),
         ));
     }
-    Ok(out)
+    out
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use std::rc::Rc;
 mod file;
 mod host;
 mod rows;
-pub use host::{is_host_backend, HostWeights};
+pub use host::{is_host_backend, is_host_f32, HostWeights};
 pub use rows::FileRows;
 
 /// Why a checkpoint could not be loaded.
@@ -71,6 +71,17 @@ pub fn weight_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>, LoadError> {
             dir.display()
         )))
     }
+}
+
+/// Whether `path` is a PyTorch pickle (`.pth`, `.pt`, `.bin`) rather than safetensors.
+pub(crate) fn is_pickle(path: &Path) -> bool {
+    matches!(path.extension().and_then(|e| e.to_str()), Some("pth" | "pt" | "bin"))
+}
+
+/// A remap table (regex, replacement) as burn-store's remapper.
+pub(crate) fn remapper(remap: &[(impl AsRef<str>, impl AsRef<str>)]) -> Result<KeyRemapper, LoadError> {
+    let pairs: Vec<(&str, &str)> = remap.iter().map(|(a, b)| (a.as_ref(), b.as_ref())).collect();
+    KeyRemapper::from_patterns(pairs).map_err(|e| LoadError::Mismatch(format!("bad remap table: {e}")))
 }
 
 /// Casts float snapshots to one dtype as they are read (bf16 checkpoints into an f32 model).
@@ -132,9 +143,7 @@ pub fn load_strict_leaving<B: Backend, M: Module<B>>(
     label: &str,
     left: &[&str],
 ) -> Result<(M, LoadReport), LoadError> {
-    let pairs: Vec<(&str, &str)> = remap.iter().map(|(a, b)| (a.as_ref(), b.as_ref())).collect();
-    let remapper =
-        KeyRemapper::from_patterns(pairs).map_err(|e| LoadError::Mismatch(format!("bad remap table: {e}")))?;
+    let remapper = remapper(remap)?;
     let mut module = module;
     // A tensor is missing when no file supplied it; burn-store reports misses per file, in the
     // module's own path spelling (which, unlike checkpoint keys, includes enum variant names).
@@ -148,30 +157,23 @@ pub fn load_strict_leaving<B: Backend, M: Module<B>>(
                 file.display()
             )));
         }
-        let is_pickle = matches!(file.extension().and_then(|e| e.to_str()), Some("pth" | "pt" | "bin"));
-        let result: ApplyResult = if is_pickle {
+        let mut snapshots: Vec<TensorSnapshot> = if is_pickle(file) {
             // The store's snapshots, applied with the f32 cast like safetensors: its own
             // `load_from` fills the module in the stored dtype, and casting afterwards held the
             // bf16 and the f32 model at once.
             let mut store = PytorchStore::from_file(file).remap(remapper.clone());
-            let mut snapshots: Vec<TensorSnapshot> = store
+            let all = store
                 .get_all_snapshots()
-                .map_err(|e| LoadError::Mismatch(format!("{}: {e}", file.display())))?
-                .values()
-                .cloned()
-                .collect();
-            drop(store);
-            snapshots.retain(|s| !left.contains(&s.full_path().as_str()));
-            let adapter = PyTorchToBurnAdapter.chain(CastFloats(DType::F32));
-            module.apply(snapshots, None, Some(Box::new(adapter)), true)
+                .map_err(|e| LoadError::Mismatch(format!("{}: {e}", file.display())))?;
+            all.values().cloned().collect()
         } else {
             // Not burn-store's SafetensorsStore: it maps the file, and every page read stays
             // resident until the load ends, doubling the peak memory (see `file.rs`).
-            let (mut snapshots, _) = remapper.remap(file::snapshots(file)?);
-            snapshots.retain(|s| !left.contains(&s.full_path().as_str()));
-            let adapter = PyTorchToBurnAdapter.chain(CastFloats(DType::F32));
-            module.apply(snapshots, None, Some(Box::new(adapter)), true)
+            remapper.remap(file::snapshots(file)?).0
         };
+        snapshots.retain(|s| !left.contains(&s.full_path().as_str()));
+        let adapter = PyTorchToBurnAdapter.chain(CastFloats(DType::F32));
+        let result: ApplyResult = module.apply(snapshots, None, Some(Box::new(adapter)), true);
         let file_missing: BTreeSet<String> = result.missing.iter().map(|(path, _)| path.clone()).collect();
         missing = Some(match missing {
             None => file_missing,
@@ -186,7 +188,6 @@ pub fn load_strict_leaving<B: Backend, M: Module<B>>(
             result
                 .unused
                 .into_iter()
-                .filter(|k| !left.contains(&k.as_str()))
                 .map(|k| format!("{k} (in {})", file.display())),
         );
         errors.extend(result.errors.iter().map(|e| format!("{e:?}")));

@@ -6,9 +6,8 @@
 //! reads do it without `unsafe`, cost nothing in RSS (the file's pages sit in the OS page cache),
 //! and a file truncated under us gives an error instead of a `SIGBUS`.
 
-use crate::{file, LoadError};
+use crate::{file, is_pickle, remapper, LoadError};
 use burn::tensor::{bf16, f16, DType};
-use burn_store::KeyRemapper;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -49,18 +48,20 @@ impl FileRows {
         remap: &[(impl AsRef<str>, impl AsRef<str>)],
         module_path: &str,
     ) -> Result<Option<Self>, LoadError> {
-        let pairs: Vec<(&str, &str)> = remap.iter().map(|(a, b)| (a.as_ref(), b.as_ref())).collect();
-        let remapper =
-            KeyRemapper::from_patterns(pairs).map_err(|e| LoadError::Mismatch(format!("bad remap table: {e}")))?;
+        let remapper = remapper(remap)?;
         for path in files {
-            if matches!(path.extension().and_then(|e| e.to_str()), Some("pth" | "pt" | "bin")) {
+            if is_pickle(path) {
                 continue;
             }
-            let (_, names) = remapper.remap(file::snapshots(path)?);
+            let (handle, entries) = file::header(path)?;
+            // The remapper renames snapshots; these are never read.
+            let reader = handle
+                .try_clone()
+                .map_err(|e| LoadError::Io(path.display().to_string(), e))?;
+            let (_, names) = remapper.remap(file::snapshots_of(reader, &entries));
             let Some((_, original)) = names.into_iter().find(|(new, _)| new == module_path) else {
                 continue;
             };
-            let (handle, entries) = file::header(path)?;
             let entry = entries
                 .into_iter()
                 .find(|e| e.name == original)
