@@ -2,7 +2,7 @@
 //! patch/unpatch index shuffles. Free functions, reproducing diffusers' float arithmetic.
 
 use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
-use chitu_store::is_host_backend;
+use chitu_store::is_host_f32;
 use rayon::prelude::*;
 
 /// diffusers' `get_timestep_embedding(t, dim, flip_sin_to_cos=True, downscale_freq_shift=0)`,
@@ -90,7 +90,7 @@ impl<B: Backend> RopeTables<B> {
     /// Rotates interleaved channel pairs of `x` `[B, S, H, D]`:
     /// `(x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos)`.
     pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        if is_host_backend::<B>(&x.device()) && x.dtype() == DType::F32 && self.cos.dtype() == DType::F32 {
+        if is_host_f32(&x) && self.cos.dtype() == DType::F32 {
             return self.apply_host(x);
         }
         self.apply_tensor(x)

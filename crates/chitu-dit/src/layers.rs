@@ -5,8 +5,8 @@ use crate::embed::{patchify, RopeTables};
 use burn::module::{Module, Param};
 use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::activation::{sigmoid, silu};
-use burn::tensor::{backend::Backend, DType, Tensor, TensorData, TensorPrimitive};
-use chitu_store::is_host_backend;
+use burn::tensor::{backend::Backend, Tensor, TensorData, TensorPrimitive};
+use chitu_store::is_host_f32;
 use rayon::prelude::*;
 
 /// LayerNorm over the last axis without affine parameters, in float32 (diffusers' `FP32LayerNorm`
@@ -28,7 +28,7 @@ pub fn layer_norm<B: Backend, const D: usize>(x: Tensor<B, D>, eps: f64) -> Tens
 /// On CPU backends in f32 it runs as one parallel pass (burn-flex's elementwise ops run on one
 /// thread, and this is six of them over the FFN's widest tensor).
 pub fn gelu_tanh<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    if is_host_backend::<B>(&x.device()) && x.dtype() == DType::F32 {
+    if is_host_f32(&x) {
         return gelu_tanh_host(x);
     }
     gelu_tanh_tensor(x)

@@ -7,7 +7,7 @@
 use crate::LoadError;
 use burn::module::{Module, ParamId};
 use burn::tensor::backend::Backend;
-use burn::tensor::TensorData;
+use burn::tensor::{DType, Tensor, TensorData};
 use burn_store::{ModuleSnapshot, TensorSnapshot, TensorSnapshotError};
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -17,6 +17,11 @@ use std::rc::Rc;
 pub fn is_host_backend<B: Backend>(device: &B::Device) -> bool {
     let name = B::name(device);
     name == "flex" || name.starts_with("ndarray")
+}
+
+/// Whether `t` is an f32 tensor of a CPU backend: what the model crates' host kernels take.
+pub fn is_host_f32<B: Backend, const D: usize>(t: &Tensor<B, D>) -> bool {
+    is_host_backend::<B>(&t.device()) && t.dtype() == DType::F32
 }
 
 struct Entry {

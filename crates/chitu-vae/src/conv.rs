@@ -23,7 +23,7 @@ const TILE: usize = 1024;
 /// Whether the host kernels serve a conv of `x` with `weight`: both f32 on a CPU backend, where a
 /// tensor's data already is host memory and reading it out costs nothing.
 pub(crate) fn on_host<B: Backend, const D: usize, const E: usize>(x: &Tensor<B, D>, weight: &Tensor<B, E>) -> bool {
-    chitu_store::is_host_backend::<B>(&x.device()) && x.dtype() == DType::F32 && weight.dtype() == DType::F32
+    chitu_store::is_host_f32(x) && weight.dtype() == DType::F32
 }
 
 /// The f32 elements of a tensor that [`on_host`] accepted.
