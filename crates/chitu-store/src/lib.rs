@@ -21,7 +21,7 @@ use std::rc::Rc;
 mod file;
 mod host;
 mod rows;
-pub use host::{is_host_backend, is_host_f32, HostWeights};
+pub use host::{is_host_backend, is_host_f32, HostF32, HostWeights};
 pub use rows::FileRows;
 
 /// Why a checkpoint could not be loaded.
