@@ -10,9 +10,11 @@
 //! per-tile buffer that stays in cache; the columns that fall in the padding are dropped when
 //! the tile is written out.
 
+use crate::scratch::{self, par_zeroed};
 use burn::tensor::module::{conv2d, conv3d};
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
+use chitu_store::HostF32;
 use rayon::prelude::*;
 
 /// Output columns (pixels of the padded grid) per tile: enough for the GEMM to run at full
@@ -23,18 +25,11 @@ const TILE: usize = 1024;
 /// Whether the host kernels serve a conv of `x` with `weight`: both f32 on a CPU backend, where a
 /// tensor's data already is host memory and reading it out costs nothing.
 pub(crate) fn on_host<B: Backend, const D: usize, const E: usize>(x: &Tensor<B, D>, weight: &Tensor<B, E>) -> bool {
+    #[cfg(test)]
+    if tests::GENERIC_ONLY.with(|g| g.get()) {
+        return false;
+    }
     chitu_store::is_host_f32(x) && weight.dtype() == DType::F32
-}
-
-/// The f32 elements of a tensor that [`on_host`] accepted.
-fn host_data<B: Backend, const D: usize>(t: Tensor<B, D>) -> TensorData {
-    // Zero-copy on burn-flex when `t` is contiguous and not shared.
-    t.into_data()
-}
-
-fn slice(d: &TensorData) -> &[f32] {
-    // Only called on tensors that `on_host` accepted, which are f32.
-    d.as_slice::<f32>().expect("host tensors are f32")
 }
 
 /// What the host path applies to `x` while it writes the padded conv input.
@@ -71,20 +66,6 @@ impl OutPtr {
     }
 }
 
-/// A zeroed buffer of `len` floats, zeroed by all threads: a fresh buffer's pages are faulted in
-/// and cleared by whoever touches them first, which `vec![0.0; len]` does on one thread.
-fn par_zeroed(len: usize) -> Vec<f32> {
-    let mut v: Vec<f32> = Vec::with_capacity(len);
-    v.spare_capacity_mut().par_chunks_mut(1 << 16).for_each(|c| {
-        for e in c {
-            e.write(0.0);
-        }
-    });
-    // SAFETY: all `len` elements were initialised above.
-    unsafe { v.set_len(len) };
-    v
-}
-
 /// Pixels per norm task: a chunk's channel sums stay in L1.
 const NORM_CHUNK: usize = 2048;
 
@@ -107,7 +88,7 @@ pub(crate) fn assemble(
     let tp = prev.map_or(0, |p| p.1);
     let (d, hp, wp) = (zero_t + tp + t, oh + 2 * pad, ow + 2 * pad);
     let plane = hp * wp;
-    let mut data = par_zeroed(n * c * d * plane);
+    let mut data = scratch::zeroed(n * c * d * plane);
     let out = OutPtr(data.as_mut_ptr());
     // Index of padded element (b, ch, frame, y, x) with (y, x) in unpadded coordinates.
     let at = move |b: usize, ch: usize, f: usize, y: usize, xx: usize| {
@@ -181,20 +162,34 @@ pub(crate) fn assemble(
     }
 }
 
+impl Drop for Padded {
+    fn drop(&mut self) {
+        scratch::give(std::mem::take(&mut self.data));
+    }
+}
+
 impl Padded {
-    /// The last `count` frames, unpadded: `[N, C, count, H, W]`.
-    fn last_frames(&self, count: usize) -> (Vec<f32>, [usize; 5]) {
+    /// The last `count` frames, unpadded: `[N, C, count, H, W]`, written into `out` (a spent
+    /// buffer of the same size, when there is one: these are what a layer's feature cache holds,
+    /// tens of MB at the top of a decode, and fresh pages cost more than the copy).
+    fn last_frames(&self, count: usize, mut out: Vec<f32>) -> (Vec<f32>, [usize; 5]) {
         let [n, c, d, hp, wp] = self.shape;
         let (h, w) = (hp - 2 * self.pad, wp - 2 * self.pad);
-        let mut out = Vec::with_capacity(n * c * count * h * w);
-        for bc in 0..n * c {
-            for f in d - count..d {
+        let len = n * c * count * h * w;
+        if out.capacity() >= len {
+            out.clear();
+            out.resize(len, 0.0);
+        } else {
+            out = par_zeroed(len);
+        }
+        out.par_chunks_mut(count * h * w).enumerate().for_each(|(bc, dst)| {
+            for (k, f) in (d - count..d).enumerate() {
                 for y in 0..h {
                     let row = ((bc * d + f) * hp + y + self.pad) * wp + self.pad;
-                    out.extend_from_slice(&self.data[row..row + w]);
+                    dst[(k * h + y) * w..][..w].copy_from_slice(&self.data[row..row + w]);
                 }
             }
-        }
+        });
         (out, [n, c, count, h, w])
     }
 }
@@ -305,7 +300,7 @@ pub(crate) fn conv3d_padded(
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn causal_conv_host<B: Backend>(
     x: Tensor<B, 5>,
-    prev: Option<&Tensor<B, 5>>,
+    prev: Option<Tensor<B, 5>>,
     zero_t: usize,
     pad: usize,
     prologue: Prologue,
@@ -317,21 +312,25 @@ pub(crate) fn causal_conv_host<B: Backend>(
     let device = x.device();
     let xs = x.dims();
     let ws = weight.dims();
-    let prev = prev.map(|p| (p.dims()[2], host_data(p.clone())));
-    let (x, w, b) = (host_data(x), host_data(weight), host_data(bias));
+    // In place: the weights are shared with the layer, so `into_data` would copy them on every
+    // call.
+    let prev = prev.map(|p| (p.dims()[2], HostF32::new(p)));
+    let (x, w, b) = (HostF32::new(x), HostF32::new(weight), HostF32::new(bias));
     let padded = assemble(
-        slice(&x),
+        x.as_slice(),
         xs,
-        prev.as_ref().map(|(tp, d)| (slice(d), *tp)),
+        prev.as_ref().map(|(tp, d)| (d.as_slice(), *tp)),
         zero_t,
         pad,
         prologue,
     );
     drop(x);
-    let (out, shape) = conv3d_padded(&padded, slice(&w), ws, Some(slice(&b)), stride_d);
+    // The cached frames just read make room for the ones kept now.
+    let spent = prev.and_then(|(_, p)| p.into_reusable()).unwrap_or_default();
+    let (out, shape) = conv3d_padded(&padded, w.as_slice(), ws, Some(b.as_slice()), stride_d);
     let tensor = |v: Vec<f32>, s: [usize; 5]| Tensor::from_data(TensorData::new(v, s), &device);
     let kept = (keep > 0).then(|| {
-        let (v, s) = padded.last_frames(keep);
+        let (v, s) = padded.last_frames(keep, spent);
         tensor(v, s)
     });
     (tensor(out, shape), kept)
@@ -378,7 +377,7 @@ pub(crate) fn conv2d_s<B: Backend>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use burn::tensor::activation::silu;
     use burn::tensor::ops::PadMode;
@@ -386,6 +385,12 @@ mod tests {
     use burn_flex::Flex;
 
     type B = Flex;
+
+    thread_local! {
+        /// Set by tests that compare the host kernels with the generic tensor path on the same
+        /// CPU backend: [`on_host`] then answers no on this thread.
+        pub(crate) static GENERIC_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
 
     fn rand<const D: usize>(shape: [usize; D]) -> Tensor<B, D> {
         Tensor::random(shape, Distribution::Normal(0.0, 1.0), &Default::default())
@@ -460,7 +465,7 @@ mod tests {
         );
         let (got, kept) = causal_conv_host(
             x,
-            Some(&prev),
+            Some(prev.clone()),
             1,
             1,
             Prologue::NormSilu(g_host.as_slice().unwrap()),

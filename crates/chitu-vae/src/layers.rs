@@ -27,6 +27,7 @@ pub enum Slot<B: Backend> {
 pub struct FeatCache<B: Backend> {
     slots: Vec<Slot<B>>,
     next: usize,
+    last: bool,
 }
 
 impl<B: Backend> FeatCache<B> {
@@ -34,12 +35,16 @@ impl<B: Backend> FeatCache<B> {
         Self {
             slots: Vec::new(),
             next: 0,
+            last: false,
         }
     }
 
-    /// Starts a new chunk: slots are visited again from the first.
-    pub fn rewind(&mut self) {
+    /// Starts a chunk: slots are visited again from the first. The convs of the `last` chunk
+    /// keep no frames, as no chunk follows to read them (at the top of a decode those are tens
+    /// of MB per conv).
+    pub fn start_chunk(&mut self, last: bool) {
         self.next = 0;
+        self.last = last;
     }
 
     /// Takes the next slot's index, growing the cache on the first chunk.
@@ -104,7 +109,7 @@ impl<B: Backend> CausalConv3d<B> {
     /// Runs the conv, prepending `cache` frames in place of (some of) the left zero padding.
     pub fn forward(&self, x: Tensor<B, 5>, cache: Option<&Tensor<B, 5>>) -> Tensor<B, 5> {
         if on_host(&x, &self.weight.val()) {
-            return self.forward_host(x, cache, Prologue::Copy, 0).0;
+            return self.forward_host(x, cache.cloned(), Prologue::Copy, 0).0;
         }
         let mut x = x;
         let mut pad_t = self.pad_t;
@@ -123,12 +128,12 @@ impl<B: Backend> CausalConv3d<B> {
     fn forward_host(
         &self,
         x: Tensor<B, 5>,
-        cache: Option<&Tensor<B, 5>>,
+        cache: Option<Tensor<B, 5>>,
         prologue: Prologue,
         keep: usize,
     ) -> (Tensor<B, 5>, Option<Tensor<B, 5>>) {
         let prev = cache.filter(|_| self.pad_t > 0);
-        let zero_t = self.pad_t - prev.map_or(0, |c| c.dims()[2].min(self.pad_t));
+        let zero_t = self.pad_t - prev.as_ref().map_or(0, |c| c.dims()[2].min(self.pad_t));
         let (w, b) = (self.weight.val(), self.bias.val());
         causal_conv_host(x, prev, zero_t, self.pad_s, prologue, w, b, self.stride, keep)
     }
@@ -151,24 +156,33 @@ impl<B: Backend> CausalConv3d<B> {
 
     fn cached(&self, x: Tensor<B, 5>, norm: Option<&RmsNorm<B, 4>>, cache: &mut FeatCache<B>) -> Tensor<B, 5> {
         let idx = cache.claim();
-        let prev = match &cache.slots[idx] {
-            Slot::Frames(t) => Some(t.clone()),
-            _ => None,
-        };
         if on_host(&x, &self.weight.val()) && self.pad_t >= CACHE_T {
+            // Taken, not cloned, so that the host conv can reuse the frames' buffer.
+            let prev = match std::mem::replace(&mut cache.slots[idx], Slot::Empty) {
+                Slot::Frames(t) => Some(t),
+                _ => None,
+            };
             // The cache keeps the last CACHE_T frames of the conv's input (after the norm), which
             // are the last frames of the padded input that are not zero padding.
             let prev_t = prev.as_ref().map_or(0, |p| p.dims()[2].min(self.pad_t));
-            let keep = (prev_t + x.dims()[2]).min(CACHE_T);
+            let keep = if cache.last {
+                0
+            } else {
+                (prev_t + x.dims()[2]).min(CACHE_T)
+            };
             let gamma = norm.map(|n| n.scaled_gamma().into_data());
             let prologue = match &gamma {
                 Some(g) => Prologue::NormSilu(g.as_slice::<f32>().expect("f32 gamma on the host path")),
                 None => Prologue::Copy,
             };
-            let (out, kept) = self.forward_host(x, prev.as_ref(), prologue, keep);
-            cache.slots[idx] = Slot::Frames(kept.expect("keep > 0"));
+            let (out, kept) = self.forward_host(x, prev, prologue, keep);
+            cache.slots[idx] = kept.map_or(Slot::Empty, Slot::Frames);
             return out;
         }
+        let prev = match &cache.slots[idx] {
+            Slot::Frames(t) => Some(t.clone()),
+            _ => None,
+        };
         let x = match norm {
             Some(n) => silu(n.forward(x)),
             None => x,
@@ -180,7 +194,7 @@ impl<B: Backend> CausalConv3d<B> {
             }
         }
         let out = self.forward(x, prev.as_ref());
-        cache.slots[idx] = Slot::Frames(keep);
+        cache.slots[idx] = if cache.last { Slot::Empty } else { Slot::Frames(keep) };
         out
     }
 }

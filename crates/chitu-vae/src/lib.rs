@@ -18,6 +18,7 @@ mod conv;
 pub mod layers;
 mod load;
 mod model;
+mod scratch;
 mod tiling;
 
 pub use config::WanVaeConfig;

@@ -3,7 +3,7 @@
 
 use crate::layers::FeatCache;
 use crate::model::{Posterior, WanVae};
-use crate::VaeError;
+use crate::{scratch, VaeError};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 
 /// Tile geometry in output pixels (diffusers' `tile_sample_*`).
@@ -79,6 +79,8 @@ fn tiled<B: Backend>(
     out_total: [usize; 2],
     mut tile_fn: impl FnMut(Tensor<B, 5>) -> Tensor<B, 5>,
 ) -> Tensor<B, 5> {
+    // One scratch buffer across all tiles, not one per tile.
+    let _scratch = scratch::Scope::enter();
     let [_, _, _, h, w] = x.dims();
     let blend_extent = [out_size[0] - out_stride[0], out_size[1] - out_stride[1]];
     let mut prev_row: Option<Vec<Tensor<B, 5>>> = None;
@@ -163,7 +165,7 @@ impl<B: Backend> WanVae<B> {
                 let mut start = 0;
                 while start < f {
                     let len = if start == 0 { 1 } else { tf };
-                    cache.rewind();
+                    cache.start_chunk(start + len >= f);
                     let out = self.encoder.forward(tile.clone().narrow(2, start, len), &mut cache);
                     chunks.push(self.quant_conv.forward(out, None));
                     start += len;
