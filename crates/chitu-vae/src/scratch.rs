@@ -10,45 +10,49 @@
 //! is not decoding is unchanged.
 
 use rayon::prelude::*;
-use std::sync::Mutex;
+use std::cell::RefCell;
 
 struct Pool {
     scopes: usize,
     spare: Option<Vec<f32>>,
 }
 
-static POOL: Mutex<Pool> = Mutex::new(Pool { scopes: 0, spare: None });
-
-fn pool() -> std::sync::MutexGuard<'static, Pool> {
-    // The pool holds no invariant a panic could break; carry on with it.
-    POOL.lock().unwrap_or_else(|e| e.into_inner())
+// Per thread: an encode or decode builds its padded inputs on the thread that called it, and
+// concurrent decodes on other threads then keep their own buffers.
+thread_local! {
+    static POOL: RefCell<Pool> = const { RefCell::new(Pool { scopes: 0, spare: None }) };
 }
 
-/// While alive, buffers returned with [`give`] are kept for the next [`zeroed`]. Scopes nest
-/// (and may overlap across threads); the buffer is freed when the last one closes.
-pub(crate) struct Scope(());
+fn with_pool<R>(f: impl FnOnce(&mut Pool) -> R) -> R {
+    POOL.with(|p| f(&mut p.borrow_mut()))
+}
+
+/// While alive, buffers returned with [`give`] on this thread are kept for the next [`zeroed`].
+/// Scopes nest; the buffer is freed when the outermost one closes.
+pub(crate) struct Scope(std::marker::PhantomData<*const ()>);
 
 impl Scope {
     pub(crate) fn enter() -> Self {
-        pool().scopes += 1;
-        Scope(())
+        with_pool(|p| p.scopes += 1);
+        Scope(std::marker::PhantomData)
     }
 }
 
 impl Drop for Scope {
     fn drop(&mut self) {
-        let mut p = pool();
-        p.scopes -= 1;
-        if p.scopes == 0 {
-            p.spare = None;
-        }
+        with_pool(|p| {
+            p.scopes -= 1;
+            if p.scopes == 0 {
+                p.spare = None;
+            }
+        })
     }
 }
 
 /// `len` zeros, in the kept buffer when it is large enough. A kept buffer that is too small is
 /// freed first, so the new one does not add to the peak.
 pub(crate) fn zeroed(len: usize) -> Vec<f32> {
-    let spare = pool().spare.take();
+    let spare = with_pool(|p| p.spare.take());
     match spare {
         Some(mut v) if v.capacity() >= len => {
             v.clear();
@@ -65,10 +69,11 @@ pub(crate) fn zeroed(len: usize) -> Vec<f32> {
 /// Hands `v` back for reuse while a scope is open (keeping the larger of it and the kept one);
 /// frees it otherwise.
 pub(crate) fn give(v: Vec<f32>) {
-    let mut p = pool();
-    if p.scopes > 0 && p.spare.as_ref().is_none_or(|s| s.capacity() < v.capacity()) {
-        p.spare = Some(v);
-    }
+    with_pool(|p| {
+        if p.scopes > 0 && p.spare.as_ref().is_none_or(|s| s.capacity() < v.capacity()) {
+            p.spare = Some(v);
+        }
+    })
 }
 
 /// A zeroed buffer of `len` floats, zeroed by all threads: a fresh buffer's pages are faulted in
@@ -89,7 +94,6 @@ pub(crate) fn par_zeroed(len: usize) -> Vec<f32> {
 mod tests {
     use super::*;
 
-    // One test owns the process-wide pool; a second would race it.
     #[test]
     fn keeps_a_buffer_only_inside_a_scope() {
         let ptr = |v: &Vec<f32>| v.as_ptr() as usize;
@@ -97,7 +101,7 @@ mod tests {
         let mut a = zeroed(1000);
         a[3] = 1.0;
         give(a);
-        assert!(pool().spare.is_none());
+        assert!(with_pool(|p| p.spare.is_none()));
         {
             let _outer = Scope::enter();
             let mut a = zeroed(1000);
@@ -113,12 +117,12 @@ mod tests {
                 let _inner = Scope::enter();
             }
             // The inner scope's end does not free what the outer one keeps.
-            assert!(pool().spare.is_some());
+            assert!(with_pool(|p| p.spare.is_some()));
             // A larger request frees the kept buffer and makes a new one.
             let c = zeroed(5000);
-            assert!(pool().spare.is_none());
+            assert!(with_pool(|p| p.spare.is_none()));
             give(c);
         }
-        assert!(pool().spare.is_none());
+        assert!(with_pool(|p| p.spare.is_none()));
     }
 }
