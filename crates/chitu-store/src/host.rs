@@ -60,7 +60,11 @@ impl HostF32 {
     /// nothing else shares, covering its whole buffer. Lets a kernel recycle an input it consumed.
     pub fn into_reusable(self) -> Option<Vec<f32>> {
         match self.0 {
-            Held::Flex(t) if t.is_unique() && t.as_slice::<f32>().is_some_and(|s| s.len() * 4 == t.bytes().len()) => {
+            Held::Flex(t)
+                if t.is_unique()
+                    && t.as_slice::<f32>()
+                        .is_some_and(|s| std::mem::size_of_val(s) == t.bytes().len()) =>
+            {
                 t.into_data().into_vec::<f32>().ok()
             }
             _ => None,

@@ -10,7 +10,7 @@
 //! per-tile buffer that stays in cache; the columns that fall in the padding are dropped when
 //! the tile is written out.
 
-use crate::scratch::{self, par_zeroed};
+use crate::scratch::{self, par_zeroed, par_zeroed_in};
 use burn::tensor::module::{conv2d, conv3d};
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
@@ -207,19 +207,13 @@ impl Drop for Padded {
 }
 
 impl Padded {
-    /// The last `count` frames, unpadded: `[N, C, count, H, W]`, written into `out` (a spent
+    /// The last `count` frames, unpadded: `[N, C, count, H, W]`, written into `spent` (a spent
     /// buffer of the same size, when there is one: these are what a layer's feature cache holds,
     /// tens of MB at the top of a decode, and fresh pages cost more than the copy).
-    fn last_frames(&self, count: usize, mut out: Vec<f32>) -> (Vec<f32>, [usize; 5]) {
+    fn last_frames(&self, count: usize, spent: Vec<f32>) -> (Vec<f32>, [usize; 5]) {
         let [n, c, d, hp, wp] = self.shape;
         let (h, w) = (hp - 2 * self.pad, wp - 2 * self.pad);
-        let len = n * c * count * h * w;
-        if out.capacity() >= len {
-            out.clear();
-            out.resize(len, 0.0);
-        } else {
-            out = par_zeroed(len);
-        }
+        let mut out = par_zeroed_in(spent, n * c * count * h * w);
         out.par_chunks_mut(count * h * w).enumerate().for_each(|(bc, dst)| {
             for (k, f) in (d - count..d).enumerate() {
                 for y in 0..h {

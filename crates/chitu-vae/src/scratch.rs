@@ -49,21 +49,9 @@ impl Drop for Scope {
     }
 }
 
-/// `len` zeros, in the kept buffer when it is large enough. A kept buffer that is too small is
-/// freed first, so the new one does not add to the peak.
+/// `len` zeros, in the kept buffer when it is large enough (see [`par_zeroed_in`]).
 pub(crate) fn zeroed(len: usize) -> Vec<f32> {
-    let spare = with_pool(|p| p.spare.take());
-    match spare {
-        Some(mut v) if v.capacity() >= len => {
-            v.clear();
-            v.resize(len, 0.0);
-            v
-        }
-        spare => {
-            drop(spare);
-            par_zeroed(len)
-        }
-    }
+    par_zeroed_in(with_pool(|p| p.spare.take()).unwrap_or_default(), len)
 }
 
 /// Hands `v` back for reuse while a scope is open (keeping the larger of it and the kept one);
@@ -79,13 +67,23 @@ pub(crate) fn give(v: Vec<f32>) {
 /// A zeroed buffer of `len` floats, zeroed by all threads: a fresh buffer's pages are faulted in
 /// and cleared by whoever touches them first, which `vec![0.0; len]` does on one thread.
 pub(crate) fn par_zeroed(len: usize) -> Vec<f32> {
-    let mut v: Vec<f32> = Vec::with_capacity(len);
-    v.spare_capacity_mut().par_chunks_mut(1 << 16).for_each(|c| {
+    par_zeroed_in(Vec::new(), len)
+}
+
+/// `len` zeros in `v`'s memory when it holds that many, else in a fresh buffer (`v` is freed
+/// first, so the two never add to the peak). Zeroed by all threads either way.
+pub(crate) fn par_zeroed_in(mut v: Vec<f32>, len: usize) -> Vec<f32> {
+    v.clear();
+    if v.capacity() < len {
+        drop(v);
+        v = Vec::with_capacity(len);
+    }
+    v.spare_capacity_mut()[..len].par_chunks_mut(1 << 16).for_each(|c| {
         for e in c {
             e.write(0.0);
         }
     });
-    // SAFETY: all `len` elements were initialised above.
+    // SAFETY: the first `len` elements were initialised above.
     unsafe { v.set_len(len) };
     v
 }
