@@ -9,18 +9,18 @@
 //! model, 10 steps with CFG). Threads follow `RAYON_NUM_THREADS`.
 
 use chitu::dit::WanTransformer;
-use chitu::gen::output::peak_rss_bytes;
-use chitu::gen::{DiffusionBackend, DiffusionTask, DiffusionUserParams, Generator};
-use chitu::parity::tensors::{load_safetensors, Values};
+use chitu::pipeline::video::peak_rss_bytes;
+use chitu::pipeline::{DiffusionBackend, DiffusionTask, DiffusionUserParams, Generator};
 use chitu::text::Umt5Encoder;
 use chitu::vae::WanVae;
 use chitu::{default_device, DefaultBackend as B};
+use chitu_parity::tensors::{load_safetensors, Values};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 type Run = Box<dyn FnMut() -> Result<(), Box<dyn std::error::Error>>>;
 
-fn input(dir: &Path, name: &str) -> Result<chitu::parity::tensors::HostTensor, Box<dyn std::error::Error>> {
+fn input(dir: &Path, name: &str) -> Result<chitu_parity::tensors::HostTensor, Box<dyn std::error::Error>> {
     let mut all = load_safetensors(&dir.join("inputs.safetensors"))?;
     Ok(all.remove(name).ok_or(format!("{}: no input {name}", dir.display()))?)
 }
@@ -66,14 +66,14 @@ fn workload(name: &str, root: &Path) -> Result<Run, Box<dyn std::error::Error>> 
             // The pipeline_t2v_wan21 case's request at 10 steps (bench/torch_side.py reads the same).
             let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity");
             let generator = Generator::new(DiffusionBackend::<B>::from_dir(fixtures.join("models/wan21"), &dev)?);
-            let case = chitu::parity::Case::load(&fixtures, "pipeline_t2v_wan21")?;
+            let case = chitu_parity::Case::load(&fixtures, "pipeline_t2v_wan21")?;
             let params = DiffusionUserParams {
                 num_inference_steps: 10,
-                ..chitu::parity::pipeline::params(&case)?
+                ..chitu_parity::pipeline::params(&case)?
             };
             Box::new(move || {
-                let task = generator.generate(DiffusionTask::<B>::from_user_request(params.clone())?)?;
-                let _ = task.buffer.video.ok_or("no video")?.into_data();
+                let task = generator.run(DiffusionTask::<B>::from_user_request(params.clone())?)?;
+                let _ = task.video().cloned().ok_or("no video")?.into_data();
                 Ok(())
             })
         }

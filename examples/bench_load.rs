@@ -7,7 +7,7 @@
 //! ```
 //! Prints one JSON line: the file, where the token table went, load seconds, peak RSS bytes.
 
-use chitu::gen::output::peak_rss_bytes;
+use chitu::pipeline::video::peak_rss_bytes;
 use chitu::text::{TextLayout, TokenTable, Umt5Config, Umt5Encoder};
 use chitu::{default_device, DefaultBackend as B};
 use std::time::Instant;

@@ -10,8 +10,9 @@
 //! machine with `--features cuda` for that.
 
 use burn::tensor::{Distribution, Tensor};
-use chitu::dist::{run_local, UlyssesGroup};
+use chitu::dist::run_local;
 use chitu::dit::{DitRunner, NoHook, SeqParallel, WanDitConfig, WanTransformer};
+use chitu::pipeline::UlyssesGroup;
 use chitu::{rank_device, DefaultBackend as B};
 use std::sync::Arc;
 use std::time::Instant;

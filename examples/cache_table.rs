@@ -5,7 +5,7 @@
 //! `cargo run --release --example cache_table [-- --model-dir DIR]`
 
 use chitu::cache::{CacheConfig, FirstBlockCacheConfig, PabConfig, TeaCacheConfig};
-use chitu::gen::{DiffusionBackend, DiffusionUserParams, Generator};
+use chitu::pipeline::{DiffusionBackend, DiffusionUserParams, Generator};
 use chitu::{default_device, DefaultBackend as B};
 use std::path::PathBuf;
 
@@ -99,8 +99,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let parity = Generator::new(DiffusionBackend::<B>::from_dir(&model_dir, &device)?);
     // The First Block Cache parity case's request; each row sets its own cache.
     let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity");
-    let case = chitu::parity::Case::load(&fixtures, "pipeline_t2v_wan21_first_block_cache")?;
-    let params = chitu::parity::pipeline::params(&case)?;
+    let case = chitu_parity::Case::load(&fixtures, "pipeline_t2v_wan21_first_block_cache")?;
+    let params = chitu_parity::pipeline::params(&case)?;
     table(&format!("{}", model_dir.display()), &parity, &params)?;
     Ok(())
 }

@@ -11,10 +11,10 @@
 
 use burn::tensor::Tensor;
 use chitu::dist::{run_local, Communicator, Layout, Mesh};
-use chitu::gen::{seeded_noise, DiffusionBackend, DiffusionTask, DiffusionUserParams, Generator, Stage};
-use chitu::parity::tensors::{fold_shape, rel_l2};
-use chitu::parity::{pipeline, Case};
+use chitu::pipeline::{seeded_noise, DiffusionBackend, DiffusionTask, DiffusionUserParams, Generator, Stage};
 use chitu::{rank_device, DefaultBackend as B};
+use chitu_parity::tensors::{fold_shape, rel_l2};
+use chitu_parity::{pipeline, Case};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -71,10 +71,10 @@ fn latents(check: &Check, mesh: Option<Mesh>, device: &burn::tensor::Device<B>) 
     };
     let init = Tensor::<B, 1>::from_floats(check.init.as_slice(), device).reshape(check.shape);
     let mut task = DiffusionTask::<B>::from_user_request(check.params.clone())?.with_initial_latents(init);
-    while task.stage != Stage::VaeDecode {
+    while task.stage() != Stage::VaeDecode {
         gen.generate_step(&mut task)?;
     }
-    Ok(task.buffer.latents.ok_or("no latents")?.into_data().to_vec()?)
+    Ok(task.latents().cloned().ok_or("no latents")?.into_data().to_vec()?)
 }
 
 /// Runs every check on every layout of `world`; returns (lines, failures) on rank 0.

@@ -5,7 +5,7 @@
 //! ```
 //! Prints one line per case and a last line `N passed, M failed`; exits non-zero if any case fails.
 
-use chitu::parity::{list_cases, run_case};
+use chitu_parity::{list_cases, run_case};
 use std::path::PathBuf;
 use std::process::ExitCode;
 

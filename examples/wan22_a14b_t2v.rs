@@ -5,10 +5,10 @@ mod common;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Wan2.2-A14B's T2V settings: 40 steps, guidance 4.0 for the high-noise expert, 3.0 after the switch.
-    common::run(|prompt| chitu::gen::DiffusionUserParams {
+    common::run(|prompt| chitu::pipeline::DiffusionUserParams {
         num_inference_steps: 40,
         guidance_scale: 4.0,
         guidance_scale_2: Some(3.0),
-        ..chitu::gen::DiffusionUserParams::new(prompt)
+        ..chitu::pipeline::DiffusionUserParams::new(prompt)
     })
 }

@@ -1,5 +1,16 @@
 //! chitu: a Rust inference engine for Wan text-to-video diffusion.
 //!
+//! The short path, from a model folder to a video file:
+//!
+//! ```no_run
+//! use chitu::pipeline::{DiffusionUserParams, Generator, LoadOptions};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let generator = Generator::<chitu::DefaultBackend>::from_dir("Wan2.1-T2V-1.3B-Diffusers", &chitu::default_device(), LoadOptions::default())?;
+//! let video = generator.generate(DiffusionUserParams::new("A cat walking on grass"))?;
+//! video.save_mp4("cat.mp4")?;
+//! # Ok(()) }
+//! ```
+//!
 //! This facade re-exports the member crates so that one dependency gives the whole engine:
 //! - [`sched`]: flow-matching noise schedulers matching diffusers (UniPC, DPM-Solver++, Euler);
 //! - [`dit`]: the Wan diffusion transformer;
@@ -7,20 +18,26 @@
 //! - [`vae`]: the Wan 3D causal VAE;
 //! - [`cache`]: FlexCache feature-cache policies;
 //! - [`dist`]: CFG and Ulysses context parallelism over in-process ranks, MPI or NCCL;
-//! - [`gen`]: the Generator that runs whole pipelines.
+//! - [`pipeline`]: the Generator that runs whole pipelines (the `chitu-gen` crate);
+//! - [`store`]: strict checkpoint loading and its errors;
+//! - [`host`]: which backends chitu's own CPU kernels run on.
 //!
-//! It also owns the parity runner ([`parity`]) that checks every component against reference
-//! outputs made with diffusers/transformers.
+//! The parity harness that checks every component against diffusers/transformers references is
+//! the dev-only `chitu-parity` crate (`cargo run --release --example parity -- DIR`).
+
+#![warn(missing_docs)]
+
+pub mod cli;
 
 pub use chitu_cache as cache;
 pub use chitu_dist as dist;
 pub use chitu_dit as dit;
-pub use chitu_gen as gen;
+pub use chitu_gen as pipeline;
+pub use chitu_host as host;
 pub use chitu_sched as sched;
+pub use chitu_store as store;
 pub use chitu_text as text;
 pub use chitu_vae as vae;
-
-pub mod parity;
 
 /// With the default `mimalloc` feature every program that links the facade allocates through
 /// mimalloc, which reuses freed buffers instead of mapping and faulting in fresh pages for each

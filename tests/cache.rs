@@ -2,7 +2,7 @@
 //! quality gate, per-expert state, and the CLI flags.
 
 use chitu::cache::{CacheConfig, FirstBlockCacheConfig, PabConfig, TaylorSeerConfig, TeaCacheConfig};
-use chitu::gen::{DiffusionBackend, DiffusionTask, DiffusionUserParams, Generator};
+use chitu::pipeline::{DiffusionBackend, DiffusionTask, DiffusionUserParams, Generator};
 use chitu::{default_device, DefaultBackend as B};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -19,7 +19,7 @@ fn tiny() -> Generator<B> {
 fn first_block_cache_matches_diffusers() {
     // The case holds both the cached and the uncached diffusers run; they differ by about 3%, so
     // a cache that never skipped (or always did) would fail one of the two comparisons.
-    let report = chitu::parity::run_case::<B>(&fixtures(), "pipeline_t2v_wan21_first_block_cache", &default_device());
+    let report = chitu_parity::run_case::<B>(&fixtures(), "pipeline_t2v_wan21_first_block_cache", &default_device());
     assert!(report.passed(), "{report}");
 }
 
@@ -81,7 +81,7 @@ fn the_quality_gate_reports_what_reuse_costs() {
     assert!(text.contains("PSNR") && text.contains("taylorseer"), "{text}");
 
     let plain = DiffusionTask::<B>::from_user_request(DiffusionUserParams::tiny("x")).unwrap();
-    let plain = generator.generate(plain).unwrap();
+    let plain = generator.run(plain).unwrap();
     assert!(generator
         .cache_check(&plain)
         .unwrap_err()
@@ -106,9 +106,7 @@ fn each_expert_keeps_its_own_cache() {
         })),
         ..DiffusionUserParams::default()
     };
-    let task = generator
-        .generate(DiffusionTask::from_user_request(p).unwrap())
-        .unwrap();
+    let task = generator.run(DiffusionTask::from_user_request(p).unwrap()).unwrap();
     // With every skip allowed, only the first call of each (expert, branch) computes all blocks.
     let stats = task.cache_stats().unwrap();
     assert_eq!((stats.calls, stats.full_computes), (12, 4));

@@ -3,9 +3,9 @@
 
 use burn::tensor::Tensor;
 use chitu::dit::{AttentionKind, CheckpointLayout, NoHook, WanTransformer};
-use chitu::parity::tensors::{rel_l2, HostTensor};
-use chitu::parity::{dit, Case};
 use chitu::{default_device, DefaultBackend as B};
+use chitu_parity::tensors::{rel_l2, HostTensor};
+use chitu_parity::{dit, Case};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use std::path::{Path, PathBuf};

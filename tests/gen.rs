@@ -1,7 +1,7 @@
 //! The Generator: request validation, stages and progress, seeded noise, NaN detection.
 
 use burn::tensor::Tensor;
-use chitu::gen::{seeded_noise, DiffusionBackend, DiffusionTask, DiffusionUserParams, GenError, Generator, Stage};
+use chitu::pipeline::{seeded_noise, DiffusionBackend, DiffusionTask, DiffusionUserParams, GenError, Generator, Stage};
 use chitu::{default_device, DefaultBackend as B};
 use std::path::{Path, PathBuf};
 
@@ -115,18 +115,18 @@ fn stages_advance_one_unit_per_call_and_progress_rises_to_one() {
     let dev = default_device();
     let gen = Generator::new(DiffusionBackend::<B>::from_dir(model("wan21"), &dev).unwrap());
     let mut task = DiffusionTask::<B>::from_user_request(small("A cat walking on grass")).unwrap();
-    let mut stages = vec![task.stage];
+    let mut stages = vec![task.stage()];
     let mut progress = vec![gen.get_progress(&task)];
     while !task.is_finished() {
         gen.generate_step(&mut task).unwrap();
-        stages.push(task.stage);
+        stages.push(task.stage());
         progress.push(gen.get_progress(&task));
     }
     use Stage::*;
     assert_eq!(stages, vec![TextEncode, Denoise, Denoise, Denoise, VaeDecode, Done]);
     assert!(progress.windows(2).all(|w| w[0] < w[1]), "{progress:?}");
     assert_eq!((progress[0], *progress.last().unwrap()), (0.0, 1.0));
-    assert_eq!(task.buffer.video.as_ref().unwrap().dims(), [1, 3, 5, 32, 32]);
+    assert_eq!(task.video().unwrap().dims(), [1, 3, 5, 32, 32]);
     // A finished task stays finished.
     gen.generate_step(&mut task).unwrap();
     assert!(task.is_finished());
@@ -153,13 +153,13 @@ fn nan_latents_are_caught_with_the_step() {
     let task = DiffusionTask::<B>::from_user_request(small("x"))
         .unwrap()
         .with_initial_latents(nan);
-    let e = gen.generate(task).err().unwrap().to_string();
+    let e = gen.run(task).err().unwrap().to_string();
     assert!(e.contains("NaN") && e.contains("step 0"), "{e}");
     // Wrong initial latent shape is a request error.
     let task = DiffusionTask::<B>::from_user_request(small("x"))
         .unwrap()
         .with_initial_latents(Tensor::zeros([1, 16, 3, 4, 4], &dev));
-    assert!(matches!(gen.generate(task), Err(GenError::Params(_))));
+    assert!(matches!(gen.run(task), Err(GenError::Params(_))));
 }
 
 #[test]
@@ -179,7 +179,7 @@ fn the_two_expert_model_loads_both_experts() {
 fn pipeline_cases_match_diffusers() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity");
     for name in ["pipeline_t2v_wan21", "pipeline_t2v_wan22"] {
-        let report = chitu::parity::run_case::<B>(&root, name, &default_device());
+        let report = chitu_parity::run_case::<B>(&root, name, &default_device());
         assert!(report.passed(), "{report}");
     }
 }
@@ -195,21 +195,18 @@ fn low_mem_level_one_decodes_in_tiles() {
         ..small("x")
     };
     let plain = gen
-        .generate(DiffusionTask::<B>::from_user_request(params.clone()).unwrap())
+        .run(DiffusionTask::<B>::from_user_request(params.clone()).unwrap())
         .unwrap();
     let low = DiffusionUserParams { low_mem: 1, ..params };
-    let tiled = gen
-        .generate(DiffusionTask::<B>::from_user_request(low).unwrap())
-        .unwrap();
-    let latents = plain.buffer.latents.clone().unwrap();
+    let tiled = gen.run(DiffusionTask::<B>::from_user_request(low).unwrap()).unwrap();
+    let latents = plain.latents().cloned().unwrap();
     tiled
-        .buffer
-        .video
-        .clone()
+        .video()
+        .cloned()
         .unwrap()
         .into_data()
         .assert_eq(&gen.decode_vae_tiled(latents).unwrap().into_data(), true);
-    let diff: f32 = (plain.buffer.video.unwrap() - tiled.buffer.video.unwrap())
+    let diff: f32 = (plain.video().cloned().unwrap() - tiled.video().cloned().unwrap())
         .abs()
         .max()
         .into_scalar();
@@ -240,7 +237,7 @@ fn a_wan_release_folder_generates_what_the_diffusers_folder_does() {
         native.join("google/umt5-xxl/tokenizer.json"),
     )
     .unwrap();
-    assert!(chitu::gen::is_wan_native(native));
+    assert!(chitu::pipeline::is_wan_native(native));
 
     // The real preset describes UMT5-XXL: the tiny checkpoint must be refused by name, not
     // loaded into garbage.
@@ -249,7 +246,7 @@ fn a_wan_release_folder_generates_what_the_diffusers_folder_does() {
     assert!(e.contains("UMT5") && e.contains("missing keys"), "{e}");
 
     let read = |p: PathBuf| std::fs::read_to_string(p).unwrap();
-    let config = chitu::gen::WanNativeConfig {
+    let config = chitu::pipeline::WanNativeConfig {
         text: serde_json::from_str(&read(model("wan21").join("text_encoder/config.json"))).unwrap(),
         vae: serde_json::from_str(&read(model("wan21").join("vae/config.json"))).unwrap(),
         shift: 3.0,
@@ -258,13 +255,13 @@ fn a_wan_release_folder_generates_what_the_diffusers_folder_does() {
     let wan = Generator::new(DiffusionBackend::<B>::from_wan_dir(native, &config, &dev).unwrap());
     let diffusers = Generator::new(DiffusionBackend::<B>::from_dir(model("wan21"), &dev).unwrap());
     let run = |g: &Generator<B>| {
-        let task = g.generate(DiffusionTask::from_user_request(small("A cat walking on grass")).unwrap());
-        task.unwrap().buffer.video.unwrap().into_data()
+        let task = g.run(DiffusionTask::from_user_request(small("A cat walking on grass")).unwrap());
+        task.unwrap().video().cloned().unwrap().into_data()
     };
     assert_eq!(run(&wan), run(&diffusers));
 
     // Two experts need a boundary; a missing checkpoint is named.
-    let two = chitu::gen::WanNativeConfig {
+    let two = chitu::pipeline::WanNativeConfig {
         boundary_ratio: Some(0.875),
         ..config.clone()
     };

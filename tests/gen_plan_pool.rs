@@ -1,7 +1,7 @@
 //! Task pool and multi-stage refinement plans on the parity models.
 
 use burn::tensor::Tensor;
-use chitu::gen::{DiffusionBackend, DiffusionTask, DiffusionUserParams, Generator, PlanStage, TaskPool};
+use chitu::pipeline::{DiffusionBackend, DiffusionTask, DiffusionUserParams, Generator, PlanStage, TaskPool};
 use chitu::{default_device, DefaultBackend as B};
 use std::path::Path;
 
@@ -30,7 +30,7 @@ fn a_one_stage_plan_equals_the_plain_pipeline() {
     let gen = generator("wan21");
     let params = small("A cat walking on grass", 3);
     let plain = gen
-        .generate(DiffusionTask::<B>::from_user_request(params.clone()).unwrap())
+        .run(DiffusionTask::<B>::from_user_request(params.clone()).unwrap())
         .unwrap();
     let stage = PlanStage {
         model: 0,
@@ -44,7 +44,7 @@ fn a_one_stage_plan_equals_the_plain_pipeline() {
     planned
         .video
         .into_data()
-        .assert_eq(&plain.buffer.video.unwrap().into_data(), true);
+        .assert_eq(&plain.video().cloned().unwrap().into_data(), true);
 }
 
 #[test]

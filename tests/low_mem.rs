@@ -1,7 +1,7 @@
 //! `low_mem` levels 2 and 3: the text encoder and inactive DiTs parked in host memory.
 
 use burn::tensor::Tensor;
-use chitu::gen::{DiffusionBackend, DiffusionTask, DiffusionUserParams, Generator, Stage};
+use chitu::pipeline::{DiffusionBackend, DiffusionTask, DiffusionUserParams, Generator, LoadOptions, Stage};
 use chitu::{default_device, DefaultBackend as B};
 use std::path::{Path, PathBuf};
 
@@ -34,12 +34,12 @@ fn run(gen: &Generator<B>, p: DiffusionUserParams) -> (Tensor<B, 5>, Tensor<B, 5
         gen.generate_step(&mut task).unwrap();
         let b = &gen.backend;
         seen.push((
-            task.stage,
+            task.stage(),
             b.text.is_resident(),
             b.model_pool.iter().map(|m| m.is_resident()).collect(),
         ));
     }
-    (task.buffer.latents.unwrap(), task.buffer.video.unwrap(), seen)
+    (task.latents().cloned().unwrap(), task.video().cloned().unwrap(), seen)
 }
 
 fn assert_same(a: &Tensor<B, 5>, b: &Tensor<B, 5>) {
@@ -97,7 +97,7 @@ fn level_two_parks_the_text_encoder_only() {
 fn loading_at_level_three_parks_each_model_as_it_loads() {
     let dev = default_device();
     let plain = Generator::new(DiffusionBackend::<B>::from_dir(model("wan22"), &dev).unwrap());
-    let backend = DiffusionBackend::<B>::from_dir_low_mem(model("wan22"), &dev, 3).unwrap();
+    let backend = DiffusionBackend::<B>::load(model("wan22"), &dev, LoadOptions { low_mem: 3 }).unwrap();
     assert!(!backend.text.is_resident());
     assert!(backend
         .model_pool

@@ -1,12 +1,13 @@
 //! CFG and Ulysses context parallelism on in-process CPU ranks give the single-device results.
 
 use burn::tensor::{Distribution, Tensor};
-use chitu::dist::{run_local, Layout, Mesh, UlyssesGroup};
+use chitu::dist::{run_local, Layout, Mesh};
 use chitu::dit::{DitRunner, NoHook, SeqParallel, WanTransformer};
-use chitu::gen::{DiffusionBackend, DiffusionTask, DiffusionUserParams, Generator, Stage};
-use chitu::parity::tensors::rel_l2;
-use chitu::parity::{pipeline, Case};
+use chitu::pipeline::UlyssesGroup;
+use chitu::pipeline::{DiffusionBackend, DiffusionTask, DiffusionUserParams, Generator, Stage};
 use chitu::{default_device, DefaultBackend as B};
+use chitu_parity::tensors::rel_l2;
+use chitu_parity::{pipeline, Case};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -40,10 +41,10 @@ fn final_latents(
         let dev = default_device();
         let init = Tensor::<B, 1>::from_floats(initial, &dev).reshape(shape);
         let mut task = DiffusionTask::<B>::from_user_request(params.clone())?.with_initial_latents(init);
-        while task.stage != Stage::VaeDecode {
+        while task.stage() != Stage::VaeDecode {
             gen.generate_step(&mut task)?;
         }
-        Ok(host(task.buffer.latents.unwrap()))
+        Ok(host(task.latents().cloned().unwrap()))
     };
     let backend = || DiffusionBackend::<B>::from_dir(model, &default_device());
     if layout.world() == 1 {
@@ -65,7 +66,7 @@ fn case_input(name: &str) -> (PathBuf, DiffusionUserParams, Vec<f32>, [usize; 5]
     let model = root().join(case.field("model").unwrap().as_str().unwrap());
     let params = pipeline::params(&case).unwrap();
     let init = case.tensor("initial_latents").unwrap();
-    let shape = chitu::parity::tensors::fold_shape::<5>(&init.shape);
+    let shape = chitu_parity::tensors::fold_shape::<5>(&init.shape);
     (model, params, init.as_f32("initial_latents").unwrap().to_vec(), shape)
 }
 
@@ -161,8 +162,8 @@ fn only_the_output_rank_decodes_the_video() {
         let gen = Generator::new(DiffusionBackend::<B>::from_dir(&model, &dev)?)
             .with_mesh(Mesh::new(world, Layout::new(2, 2)?)?);
         let init = Tensor::<B, 1>::from_floats(init.as_slice(), &dev).reshape(shape);
-        let task = gen.generate(DiffusionTask::<B>::from_user_request(params.clone())?.with_initial_latents(init))?;
-        Ok((gen.is_output_rank(), task.buffer.video.is_some(), task.is_finished()))
+        let task = gen.run(DiffusionTask::<B>::from_user_request(params.clone())?.with_initial_latents(init))?;
+        Ok((gen.is_output_rank(), task.video().is_some(), task.is_finished()))
     })
     .unwrap();
     assert_eq!(

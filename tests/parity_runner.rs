@@ -1,7 +1,7 @@
 //! The runner itself: unsupported kinds fail loudly, broken case files are errors naming the file.
 
-use chitu::parity::{list_cases, run_case, Outcome};
 use chitu::{default_device, DefaultBackend};
+use chitu_parity::{list_cases, run_case, Outcome};
 use std::path::{Path, PathBuf};
 
 fn fixtures() -> PathBuf {

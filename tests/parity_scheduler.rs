@@ -1,7 +1,7 @@
 //! Scheduler parity against diffusers 0.42: every `scheduler_*` case in the bundled fixtures.
 
-use chitu::parity::{list_cases, run_case, scheduler::replay, Case};
 use chitu::{default_device, DefaultBackend};
+use chitu_parity::{list_cases, run_case, scheduler::replay, Case};
 use std::path::{Path, PathBuf};
 
 fn fixtures() -> PathBuf {

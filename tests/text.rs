@@ -1,9 +1,9 @@
 //! Tokenizer and UMT5 encoder against transformers, and Wan's own checkpoint layout.
 
-use chitu::parity::tensors::{rel_l2, HostTensor};
-use chitu::parity::{text, Case};
 use chitu::text::{T5Tokenizer, TextEncoder, Umt5Config};
 use chitu::{default_device, DefaultBackend as B};
+use chitu_parity::tensors::{rel_l2, HostTensor};
+use chitu_parity::{text, Case};
 use std::path::{Path, PathBuf};
 
 mod common;
@@ -24,7 +24,7 @@ fn floats(t: burn::tensor::Tensor<B, 3>) -> Vec<f32> {
 fn every_output_matches_transformers() {
     let case = Case::load(&fixtures(), "text_encode").unwrap();
     for (name, out) in text::encode::<B>(&case, &default_device()).unwrap() {
-        let e = chitu::parity::tensors::compare(name, &out, case.tensor(name).unwrap()).unwrap();
+        let e = chitu_parity::tensors::compare(name, &out, case.tensor(name).unwrap()).unwrap();
         let tol = if name.contains("ids") || name.contains("mask") {
             0.0
         } else {

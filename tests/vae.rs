@@ -1,10 +1,10 @@
 //! The Wan VAE: errors on bad shapes, automatic tiling, latent normalisation.
 
 use burn::tensor::{Distribution, Tensor};
-use chitu::parity::tensors::{rel_l2, HostTensor};
-use chitu::parity::{vae, Case};
 use chitu::vae::{TileConfig, WanVae};
 use chitu::{default_device, DefaultBackend as B};
+use chitu_parity::tensors::{rel_l2, HostTensor};
+use chitu_parity::{vae, Case};
 use std::path::{Path, PathBuf};
 
 mod common;
@@ -26,7 +26,7 @@ fn every_vae_output_matches_diffusers() {
     for name in ["vae_decode", "vae_encode", "vae_decode_tiled"] {
         let case = Case::load(&fixtures(), name).unwrap();
         for (out_name, out) in vae::outputs::<B>(&case, &default_device()).unwrap() {
-            let e = chitu::parity::tensors::compare(out_name, &out, case.tensor(out_name).unwrap()).unwrap();
+            let e = chitu_parity::tensors::compare(out_name, &out, case.tensor(out_name).unwrap()).unwrap();
             assert!(e <= 1e-4, "{name}/{out_name}: {e}");
         }
     }

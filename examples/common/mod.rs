@@ -1,41 +1,40 @@
-//! Shared argument handling of the model examples.
+//! What the model examples share: the `chitu generate` flags for the model, the request and the
+//! outputs (`chitu::cli`), and the short path from a folder to a video file.
 
-use chitu::gen::output::{output_stem, write_mp4, RgbFrames};
-use chitu::gen::{video_to_frames, DiffusionBackend, DiffusionTask, DiffusionUserParams, Generator};
+use chitu::cli::{ModelArgs, OutputArgs, RequestArgs};
+use chitu::pipeline::{DiffusionUserParams, Generator, Video};
 use chitu::{default_device, DefaultBackend as B};
-use std::path::PathBuf;
+use clap::Parser;
 
-/// Reads `--model-dir DIR [--prompt TEXT] [--steps N] [--low-mem 0-3]`, runs the model and writes `out/<stem>.mp4`.
+/// `--model-dir DIR --prompt TEXT` and the rest of `chitu generate`'s request flags.
+#[derive(Parser)]
+struct Args {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    request: RequestArgs,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+/// Loads `--model-dir`, generates with `default_params` as the model's defaults, and writes the
+/// MP4, the contact sheet and the sidecar under `--out`.
 pub fn run(default_params: impl Fn(String) -> DiffusionUserParams) -> Result<(), Box<dyn std::error::Error>> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let value = |flag: &str| {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
+    let args = Args::parse();
+    let Some(dir) = &args.model.model_dir else {
+        return Err("usage: --model-dir DIR --prompt TEXT [--steps N] [--low-mem 0-3] ...".into());
     };
-    let dir = PathBuf::from(
-        value("--model-dir").ok_or("usage: --model-dir DIR [--prompt TEXT] [--steps N] [--low-mem 0-3]")?,
-    );
-    let mut params = default_params(value("--prompt").unwrap_or_else(|| "A cat walking on grass".into()));
-    if let Some(steps) = value("--steps") {
-        params.num_inference_steps = steps.parse()?;
+    // The request is validated before the (slow) load.
+    let params = args.request.params(default_params(String::new()), args.model.low_mem)?;
+    params.validate()?;
+    let generator = Generator::<B>::from_dir(dir, &default_device(), args.model.options())?;
+    let video: Video = generator.generate(params)?;
+    let mut files = args.output.write(&video)?;
+    let json = args.output.out.join(format!("{}.json", video.stem()));
+    Video::save_metadata(&json, &video.metadata(&files))?;
+    files.push(json);
+    for f in files {
+        println!("{}", f.display());
     }
-    if let Some(level) = value("--low-mem") {
-        params.low_mem = level.parse()?;
-    }
-    // Validated before loading, which the memory level already shapes.
-    let task = DiffusionTask::<B>::from_user_request(params.clone())?;
-    let device = default_device();
-    let backend = DiffusionBackend::<B>::from_dir_low_mem(&dir, &device, params.low_mem)?;
-    let task = Generator::new(backend).generate(task)?;
-    let video = task.buffer.video.ok_or("no video")?;
-    std::fs::create_dir_all("out")?;
-    let path = PathBuf::from("out").join(format!(
-        "{}.mp4",
-        output_stem(&params.prompt, params.seed, params.num_inference_steps)
-    ));
-    write_mp4(&path, &RgbFrames::from_tensor(video_to_frames(video))?)?;
-    println!("{}", path.display());
     Ok(())
 }

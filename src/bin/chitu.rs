@@ -1,14 +1,11 @@
 //! `chitu generate`: text to video with a Wan model folder, or with the embedded tiny model.
 
-use chitu::cache::CacheConfig;
+use chitu::cli::{hint, ModelArgs, OutputArgs, RequestArgs};
 use chitu::dist::{run_local_with, Communicator, Layout, Mesh};
-use chitu::gen::output::{output_stem, sidecar, write_contact_sheet, write_frame_pngs, write_mp4, RgbFrames};
-use chitu::gen::{video_to_frames, DiffusionBackend, DiffusionTask, DiffusionUserParams, Generator, Stage};
-use chitu::sched::SolverKind;
+use chitu::pipeline::{CacheCheck, DiffusionTask, DiffusionUserParams, GenError, Generator, Stage, Video};
 use chitu::{default_device, rank_device, DefaultBackend as B};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -27,57 +24,15 @@ enum Command {
 
 #[derive(clap::Args)]
 struct GenerateArgs {
-    #[arg(long)]
-    prompt: String,
-    #[arg(long, default_value = "")]
-    negative_prompt: String,
-    /// A diffusers-layout Wan2.1/2.2 folder; the embedded tiny model when omitted.
-    #[arg(long)]
-    model_dir: Option<PathBuf>,
-    #[arg(long)]
-    steps: Option<usize>,
-    #[arg(long)]
-    height: Option<usize>,
-    #[arg(long)]
-    width: Option<usize>,
-    /// Frame count, 4k+1.
-    #[arg(long)]
-    frames: Option<usize>,
-    #[arg(long)]
-    guidance: Option<f64>,
-    /// Guidance of the low-noise expert (Wan2.2-A14B).
-    #[arg(long)]
-    guidance_2: Option<f64>,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// unipc, dpm++ or euler; the folder's scheduler when omitted.
-    #[arg(long)]
-    solver: Option<String>,
-    #[arg(long)]
-    shift: Option<f64>,
-    #[arg(long)]
-    max_sequence_length: Option<usize>,
-    /// Memory saving level: 1 decodes the VAE in tiles; 2 also keeps the text encoder in host
-    /// memory except while it encodes; 3 also keeps only the active DiT on the device. Levels 2
-    /// and 3 park models as they load. They are for GPUs: on the CPU backend they save nothing.
-    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=3))]
-    low_mem: u8,
-    /// FlexCache policy: teacache, pab, first_block_cache or taylorseer, or a JSON object such
-    /// as '{"policy": "pab", "skip_self_range": 3}'.
-    #[arg(long)]
-    cache: Option<String>,
-    /// Threshold of teacache or first_block_cache.
-    #[arg(long, requires = "cache")]
-    cache_threshold: Option<f64>,
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    request: RequestArgs,
+    #[command(flatten)]
+    output: OutputArgs,
     /// Also run without the cache from the same seed and report PSNR, latent difference and speedup.
     #[arg(long, requires = "cache")]
     cache_check: bool,
-    /// Folder for the outputs.
-    #[arg(long, default_value = "out")]
-    out: PathBuf,
-    /// Also write one PNG per frame.
-    #[arg(long)]
-    png_frames: bool,
     /// 2 runs the two guidance branches on two ranks (ranks i and i + W/2 form a pair).
     #[arg(long)]
     cfg_parallel: Option<usize>,
@@ -155,7 +110,21 @@ fn collective_world(
     }
 }
 
+/// One rank's whole run: load, build the request, generate, and (on the output rank) write.
 fn run_rank(args: &GenerateArgs, parallel: Option<(Arc<dyn Communicator>, Layout)>) -> Result<(), AnyError> {
+    let (generator, params) = load(args, parallel)?;
+    let (task, check) = generate(args, &generator, params)?;
+    if generator.is_output_rank() {
+        write(args, &generator, task, check)?;
+    }
+    Ok(())
+}
+
+/// The generator of this rank (on its device, in its mesh) and the request it runs.
+fn load(
+    args: &GenerateArgs,
+    parallel: Option<(Arc<dyn Communicator>, Layout)>,
+) -> Result<(Generator<B>, DiffusionUserParams), AnyError> {
     let (mesh, device) = match parallel {
         Some((world, layout)) => {
             let index = local_index(world.rank());
@@ -166,89 +135,67 @@ fn run_rank(args: &GenerateArgs, parallel: Option<(Arc<dyn Communicator>, Layout
         None => (None, default_device()),
     };
     let output_rank = mesh.as_ref().is_none_or(|m| m.is_output_rank());
-    let (backend, mut params, model_name) = match &args.model_dir {
-        Some(dir) => (
-            DiffusionBackend::<B>::from_dir_low_mem(dir, &device, args.low_mem)?,
-            DiffusionUserParams::new(args.prompt.clone()),
-            dir.display().to_string(),
-        ),
-        None => {
-            if output_rank {
-                eprintln!(
-                    "no --model-dir: using the embedded tiny model (random weights: it shows the pipeline, not quality)"
-                );
-            }
-            (
-                DiffusionBackend::<B>::embedded_tiny(&device)?,
-                DiffusionUserParams::tiny(args.prompt.clone()),
-                "embedded-tiny".into(),
-            )
-        }
-    };
-    params.negative_prompt = args.negative_prompt.clone();
-    params.seed = args.seed;
-    params.height = args.height.unwrap_or(params.height);
-    params.width = args.width.unwrap_or(params.width);
-    params.num_frames = args.frames.unwrap_or(params.num_frames);
-    params.num_inference_steps = args.steps.unwrap_or(params.num_inference_steps);
-    params.guidance_scale = args.guidance.unwrap_or(params.guidance_scale);
-    params.guidance_scale_2 = args.guidance_2.or(params.guidance_scale_2);
-    params.solver = args.solver.as_deref().map(str::parse::<SolverKind>).transpose()?;
-    params.shift = args.shift.or(params.shift);
-    params.max_sequence_length = args.max_sequence_length.unwrap_or(params.max_sequence_length);
-    params.low_mem = args.low_mem;
-    params.cache = match &args.cache {
-        Some(spec) => {
-            let config = CacheConfig::parse(spec)?;
-            Some(match args.cache_threshold {
-                Some(t) => config.with_threshold(t)?,
-                None => config,
-            })
-        }
-        None => None,
-    };
-
+    if args.model.model_dir.is_none() && output_rank {
+        eprintln!("no --model-dir: using the embedded tiny model (random weights: it shows the pipeline, not quality)");
+    }
+    let (backend, defaults) = args.model.load::<B>(&device, DiffusionUserParams::new)?;
+    let params = args.request.params(defaults, args.model.low_mem)?;
     let generator = match mesh {
         Some(mesh) => Generator::new(backend).with_mesh(mesh),
         None => Generator::new(backend),
     };
-    let mut task = DiffusionTask::<B>::from_user_request(params.clone())?;
-    let bar = match output_rank {
-        true => ProgressBar::new(params.num_inference_steps as u64),
+    Ok((generator, params))
+}
+
+/// Runs the request step by step under a progress bar, then the cache check when asked.
+fn generate(
+    args: &GenerateArgs,
+    generator: &Generator<B>,
+    params: DiffusionUserParams,
+) -> Result<(DiffusionTask<B>, Option<CacheCheck>), AnyError> {
+    let mut task = DiffusionTask::<B>::from_user_request(params)?;
+    let bar = match generator.is_output_rank() {
+        true => ProgressBar::new(task.params().num_inference_steps as u64),
         false => ProgressBar::hidden(),
     };
     bar.set_style(ProgressStyle::with_template(
         "{msg:>10} [{bar:40}] {pos}/{len} steps {elapsed_precise}",
     )?);
     while !task.is_finished() {
-        bar.set_message(match task.stage {
+        bar.set_message(match task.stage() {
             Stage::TextEncode => "text",
             Stage::Denoise => "denoise",
             Stage::VaeDecode => "decode",
             Stage::Done => "done",
         });
         generator.generate_step(&mut task)?;
-        bar.set_position(task.buffer.current_step as u64);
+        bar.set_position(task.step() as u64);
     }
     bar.finish_with_message("done");
     let check = match args.cache_check {
         true => {
-            if output_rank {
+            if generator.is_output_rank() {
                 eprintln!("cache check: running again without the cache");
             }
             Some(generator.cache_check(&task)?)
         }
         false => None,
     };
-    if !output_rank {
-        return Ok(());
-    }
-    let t = task.buffer.timings;
+    Ok((task, check))
+}
+
+/// Reports the run and writes the video, the contact sheet and, last, the sidecar.
+fn write(
+    args: &GenerateArgs,
+    generator: &Generator<B>,
+    task: DiffusionTask<B>,
+    check: Option<CacheCheck>,
+) -> Result<(), AnyError> {
+    let t = task.timings();
     eprintln!(
         "text {:.2}s, denoise {:.2}s, vae decode {:.2}s",
         t.text_encode, t.denoise, t.vae_decode
     );
-
     if let Some(stats) = task.cache_stats() {
         eprintln!(
             "cache: {} calls, {} full computes, {:.1} of {} block evaluations",
@@ -261,21 +208,10 @@ fn run_rank(args: &GenerateArgs, parallel: Option<(Arc<dyn Communicator>, Layout
     if let Some(check) = &check {
         eprintln!("{check}");
     }
-
-    let video = task.buffer.video.take().ok_or("no video decoded")?;
-    let frames = RgbFrames::from_tensor(video_to_frames(video))?;
-    std::fs::create_dir_all(&args.out)?;
-    let stem = output_stem(&params.prompt, params.seed, params.num_inference_steps);
-    let mp4 = args.out.join(format!("{stem}.mp4"));
-    let sheet = args.out.join(format!("{stem}.png"));
-    write_mp4(&mp4, &frames)?;
-    write_contact_sheet(&sheet, &frames)?;
-    let mut files = vec![mp4, sheet];
-    if args.png_frames {
-        files.extend(write_frame_pngs(&args.out, &stem, &frames)?);
-    }
-    let json = args.out.join(format!("{stem}.json"));
-    let mut meta = sidecar(&params, &t, &model_name, &files);
+    let video = Video::from_task(task, &args.model.name())?;
+    let mut files = args.output.write(&video)?;
+    let json = args.output.out.join(format!("{}.json", video.stem()));
+    let mut meta = video.metadata(&files);
     if let Some(mesh) = generator.mesh() {
         meta["parallel"] = serde_json::json!({ "cfg": mesh.layout.cfg, "cp": mesh.layout.cp });
     }
@@ -292,7 +228,7 @@ fn run_rank(args: &GenerateArgs, parallel: Option<(Arc<dyn Communicator>, Layout
             "wall_speedup": c.wall_speedup(),
         });
     }
-    std::fs::write(&json, serde_json::to_string_pretty(&meta)?)?;
+    Video::save_metadata(&json, &meta)?;
     files.push(json);
     for f in files {
         println!("{}", f.display());
@@ -309,6 +245,15 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
+            let gen = e
+                .downcast_ref::<GenError>()
+                .or_else(|| match e.downcast_ref::<chitu::cli::CliError>() {
+                    Some(chitu::cli::CliError::Gen(g)) => Some(g),
+                    _ => None,
+                });
+            if let Some(h) = gen.and_then(hint) {
+                eprintln!("hint: {h}");
+            }
             ExitCode::FAILURE
         }
     }

@@ -12,12 +12,16 @@ use serde::{Deserialize, Serialize};
 #[serde(tag = "policy")]
 pub enum CacheConfig {
     #[serde(rename = "teacache")]
+    /// TeaCache: skips whole forwards while the timestep modulation changes little.
     TeaCache(TeaCacheConfig),
     #[serde(rename = "pab")]
+    /// Pyramid Attention Broadcast: reuses attention outputs on fixed step ranges.
     Pab(PabConfig),
     #[serde(rename = "first_block_cache")]
+    /// First Block Cache: skips the blocks after the first while its residual changes little.
     FirstBlockCache(FirstBlockCacheConfig),
     #[serde(rename = "taylorseer")]
+    /// TaylorSeer: forecasts attention and FFN outputs between full computes.
     TaylorSeer(TaylorSeerConfig),
 }
 
@@ -38,10 +42,13 @@ pub enum TeaCacheMode {
 pub struct TeaCacheConfig {
     /// Reuse while the accumulated rescaled distance is below this; 0 never reuses.
     pub threshold: f64,
+    /// Which modulation input the change is measured on.
     pub mode: TeaCacheMode,
     /// Rescaling polynomial, highest power first; chosen from the model size when unset.
     pub coefficients: Option<Vec<f64>>,
+    /// Steps at the start that always compute.
     pub warmup: usize,
+    /// Steps at the end that always compute.
     pub cooldown: usize,
 }
 
@@ -62,7 +69,9 @@ impl Default for TeaCacheConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PabConfig {
+    /// Steps at the start that always compute.
     pub warmup: usize,
+    /// Steps at the end that always compute.
     pub cooldown: usize,
     /// Self-attention is computed every this many steps; 1 always computes.
     pub skip_self_range: usize,
@@ -89,7 +98,9 @@ pub struct FirstBlockCacheConfig {
     /// Skip when the relative mean-absolute change of block 0's residual is at most this; 0
     /// never skips.
     pub threshold: f64,
+    /// Steps at the start that always compute.
     pub warmup: usize,
+    /// Steps at the end that always compute.
     pub cooldown: usize,
 }
 
@@ -305,7 +316,9 @@ impl CacheConfig {
 /// Steps at the start (`warmup`) and end (`cooldown`) of a run that every policy computes in full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Window {
+    /// Steps at the start that always compute.
     pub warmup: usize,
+    /// Steps at the end that always compute.
     pub cooldown: usize,
 }
 

@@ -31,6 +31,7 @@ pub struct FirstBlockCache<B: Backend> {
 }
 
 impl<B: Backend> FirstBlockCache<B> {
+    /// The policy with its settings and empty state.
     pub fn new(config: FirstBlockCacheConfig) -> Self {
         Self {
             config,

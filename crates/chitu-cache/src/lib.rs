@@ -28,6 +28,8 @@
 //! # Ok(()) }
 //! ```
 
+#![warn(missing_docs)]
+
 mod config;
 mod first_block;
 mod pab;
@@ -71,6 +73,7 @@ pub struct DitCall {
     pub step: usize,
     /// Steps in the run (for the cooldown).
     pub num_steps: usize,
+    /// The guidance branch of the call.
     pub branch: Branch,
     /// Index of the model in the pool (Wan2.2's high-noise expert is 0, low-noise 1).
     pub expert: usize,

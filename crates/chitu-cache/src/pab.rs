@@ -29,6 +29,7 @@ pub struct Pab<B: Backend> {
 }
 
 impl<B: Backend> Pab<B> {
+    /// The policy with its settings and empty state.
     pub fn new(config: PabConfig) -> Self {
         Self {
             config,

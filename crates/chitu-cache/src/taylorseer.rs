@@ -39,6 +39,7 @@ pub struct TaylorSeer<B: Backend> {
 }
 
 impl<B: Backend> TaylorSeer<B> {
+    /// The policy with its settings and empty state.
     pub fn new(config: TaylorSeerConfig) -> Self {
         Self {
             config,

@@ -31,6 +31,7 @@ pub struct TeaCache<B: Backend> {
 }
 
 impl<B: Backend> TeaCache<B> {
+    /// The policy with its settings and empty state.
     pub fn new(config: TeaCacheConfig) -> Self {
         Self {
             config,

@@ -10,8 +10,8 @@
 //! - `NcclComm` (feature `nccl`): NCCL collectives on CUDA devices.
 //!
 //! [`Mesh`] splits a world the way Chitu does: ranks `i` and `i + W/2` form a CFG pair, and each
-//! half is a context-parallel group; [`UlyssesGroup`] turns a CP group into the DiT's
-//! [`chitu_dit::SeqParallel`].
+//! half is a context-parallel group. The crate knows nothing of models: chitu-gen's
+//! `UlyssesGroup` turns a CP group into the DiT's sequence-parallel seam.
 //!
 //! ```
 //! use chitu_dist::{run_local, Communicator, TensorComm};
@@ -27,6 +27,8 @@
 //! assert_eq!(sums, vec![1.0, 1.0]);
 //! ```
 
+#![warn(missing_docs)]
+
 mod comm;
 mod local;
 mod mesh;
@@ -34,7 +36,6 @@ mod mesh;
 mod mpi_comm;
 #[cfg(feature = "nccl")]
 mod nccl_comm;
-mod ulysses;
 mod wire;
 
 pub use comm::{Communicator, SubGroup, TensorComm};
@@ -44,7 +45,6 @@ pub use mesh::{Layout, Mesh};
 pub use mpi_comm::MpiComm;
 #[cfg(feature = "nccl")]
 pub use nccl_comm::NcclComm;
-pub use ulysses::UlyssesGroup;
 pub use wire::{decode, encode};
 
 pub use burn::tensor::TensorData;
@@ -55,14 +55,25 @@ pub enum CommError {
     /// A peer sent nothing within the timeout (stuck, or far behind).
     #[error("rank {rank}: no message from rank {peer} within {secs:.0} s ({op}); a peer may be stuck or dead")]
     Timeout {
+        /// The waiting rank.
         rank: usize,
+        /// The rank it waited for.
         peer: usize,
+        /// The timeout, in seconds.
         secs: f64,
+        /// The collective it was in.
         op: &'static str,
     },
     /// A peer is gone (its thread or process ended).
     #[error("rank {rank}: rank {peer} is gone ({op}); it stopped or failed mid-run")]
-    PeerGone { rank: usize, peer: usize, op: &'static str },
+    PeerGone {
+        /// The rank that noticed.
+        rank: usize,
+        /// The rank that is gone.
+        peer: usize,
+        /// The collective it was in.
+        op: &'static str,
+    },
     /// The ranks called different collectives, or sent data of unexpected shape.
     #[error("collectives out of step: {0}")]
     Mismatch(String),
@@ -74,5 +85,10 @@ pub enum CommError {
     Transport(String),
     /// A rank's own work failed (in-process ranks report it to the caller).
     #[error("rank {rank} failed: {message}")]
-    Rank { rank: usize, message: String },
+    Rank {
+        /// The failed rank.
+        rank: usize,
+        /// Its error.
+        message: String,
+    },
 }

@@ -82,7 +82,9 @@ impl Layout {
 /// half `[0, W/2)` and `[W/2, W)` is a CP group.
 #[derive(Clone)]
 pub struct Mesh {
+    /// How the world splits into CFG pairs and CP groups.
     pub layout: Layout,
+    /// Every rank of the run.
     pub world: Arc<dyn Communicator>,
     /// This rank's CFG pair (a group of one without CFG parallelism).
     pub cfg: Arc<dyn Communicator>,

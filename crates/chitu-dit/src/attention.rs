@@ -21,8 +21,9 @@ pub trait AttentionOp<B: Backend>: Send + Sync {
 /// The local attention kernels.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum AttentionKind {
-    /// [`AttentionKind::Fused`] on GPU backends, [`AttentionKind::Reference`] on burn's CPU
-    /// backends (`flex`, `ndarray`), where it measured about 2x faster (BENCHMARKS.md).
+    /// [`AttentionKind::Reference`] on backends with host kernels (burn-flex, see
+    /// [`chitu_host::host_kernels`]), where it measured about 2x faster (BENCHMARKS.md);
+    /// [`AttentionKind::Fused`] on every other backend.
     #[default]
     Auto,
     /// burn's attention op (a flash kernel on CUDA and on flex).
@@ -36,11 +37,11 @@ pub enum AttentionKind {
 pub const SCORE_BUDGET_BYTES: usize = 256 << 20;
 
 impl AttentionKind {
-    /// The concrete kernel for backend `B` on `device`.
-    pub fn resolve<B: Backend>(self, device: &B::Device) -> Self {
+    /// The concrete kernel for backend `B` (the device does not change the choice).
+    pub fn resolve<B: Backend>(self, _device: &B::Device) -> Self {
         match self {
             Self::Auto => {
-                if chitu_store::is_host_backend::<B>(device) {
+                if chitu_host::host_kernels::<B>() {
                     Self::Reference
                 } else {
                     Self::Fused

@@ -54,13 +54,17 @@ pub struct BlockInputs<B: Backend> {
 /// A Wan transformer block (diffusers' `WanTransformerBlock`).
 #[derive(Module, Debug)]
 pub struct WanBlock<B: Backend> {
+    /// Self-attention (`attn1`).
     pub attn1: WanAttention<B>,
+    /// Cross-attention to the text (`attn2`).
     pub attn2: WanAttention<B>,
     /// Affine LayerNorm in front of cross-attention (Wan's own checkpoints call it `norm3`).
     pub norm2: Option<LayerNorm<B>>,
+    /// The feed-forward (`ffn`).
     pub ffn: FeedForward<B>,
     /// `[1, 6, dim]`: shift, scale, gate of self-attention, then of the FFN.
     pub scale_shift_table: Param<Tensor<B, 3>>,
+    /// Epsilon of the block's layer norms.
     pub eps: f64,
 }
 

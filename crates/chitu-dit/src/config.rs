@@ -15,6 +15,7 @@ pub struct WanDitConfig {
     pub head_dim: usize,
     /// Latent channels in and out (16 for the Wan2.1 VAE).
     pub in_channels: usize,
+    /// Latent channels out (16 for Wan2.1/2.2-A14B).
     pub out_channels: usize,
     /// Width of the text encoder states (4096 for UMT5-XXL).
     pub text_dim: usize,
@@ -112,10 +113,7 @@ impl WanDitConfig {
 
     /// The parsed config and the raw JSON (whose dialect also names the checkpoint layout).
     pub(crate) fn read(path: &Path) -> Result<(Self, serde_json::Value), DitError> {
-        let json = chitu_store::read_json(path).map_err(|e| match e {
-            chitu_store::LoadError::Io(p, e) => DitError::Io(p, e),
-            other => DitError::Config(other.to_string()),
-        })?;
+        let json = chitu_store::read_json(path)?;
         let config = Self::from_json(&json).map_err(|e| DitError::Config(format!("{}: {e}", path.display())))?;
         Ok((config, json))
     }

@@ -2,7 +2,7 @@
 //! patch/unpatch index shuffles. Free functions, reproducing diffusers' float arithmetic.
 
 use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
-use chitu_store::is_host_f32;
+use chitu_host::is_host_f32;
 use rayon::prelude::*;
 
 /// diffusers' `get_timestep_embedding(t, dim, flip_sin_to_cos=True, downscale_freq_shift=0)`,
@@ -32,7 +32,9 @@ pub fn rope_axes(head_dim: usize) -> [usize; 3] {
 /// (one angle per interleaved channel pair).
 #[derive(Debug, Clone)]
 pub struct RopeTables<B: Backend> {
+    /// Cosines of the rotation angles, `[S, head_dim / 2]`.
     pub cos: Tensor<B, 2>,
+    /// Sines of the rotation angles, `[S, head_dim / 2]`.
     pub sin: Tensor<B, 2>,
 }
 

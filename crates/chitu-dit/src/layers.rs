@@ -6,7 +6,7 @@ use burn::module::{Module, Param};
 use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::activation::{sigmoid, silu};
 use burn::tensor::{backend::Backend, Tensor, TensorData, TensorPrimitive};
-use chitu_store::is_host_f32;
+use chitu_host::is_host_f32;
 use rayon::prelude::*;
 
 /// LayerNorm over the last axis without affine parameters, in float32 (diffusers' `FP32LayerNorm`

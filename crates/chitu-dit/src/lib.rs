@@ -17,6 +17,8 @@
 //! # Ok(()) }
 //! ```
 
+#![warn(missing_docs)]
+
 mod attention;
 mod block;
 mod config;
@@ -33,24 +35,28 @@ pub use config::WanDitConfig;
 pub use layers::{gelu_tanh, layer_norm, modulate};
 pub use load::CheckpointLayout;
 pub use model::{Embedded, WanTransformer, ROPE_THETA};
-pub use parallel::{DitRunner, SeqParallel, SeqShard};
+pub use parallel::{CollectiveError, DitRunner, SeqParallel, SeqShard};
 
 /// Errors from building, loading or running the DiT.
 #[derive(Debug, thiserror::Error)]
 pub enum DitError {
-    /// A file could not be read.
-    #[error("cannot read {0}: {1}")]
-    Io(String, #[source] std::io::Error),
     /// The config is malformed or describes an unsupported model.
     #[error("invalid transformer config: {0}")]
     Config(String),
-    /// The weights do not match the model.
-    #[error("{0}")]
-    Weights(String),
+    /// A config or weight file could not be read, or the checkpoint does not fit the model
+    /// (missing or unexpected keys, a wrong shape): the store's error, with the file and keys.
+    #[error(transparent)]
+    Load(#[from] chitu_store::LoadError),
     /// An input has the wrong shape.
     #[error("bad DiT input: {0}")]
     Shape(String),
     /// A collective of a sequence-parallel run failed (a dead or stuck rank).
-    #[error("context parallelism: {0}")]
-    Parallel(String),
+    #[error("context parallelism, {during}: {source}")]
+    Parallel {
+        /// What the DiT was doing.
+        during: &'static str,
+        /// The communicator's error.
+        #[source]
+        source: CollectiveError,
+    },
 }

@@ -78,7 +78,7 @@ impl<B: Backend> WanTransformer<B> {
         let dir = dir.as_ref();
         let (config, json) = WanDitConfig::read(&dir.join("config.json"))?;
         let layout = CheckpointLayout::of_config(&json);
-        let files = weight_files(dir, "diffusion_pytorch_model").map_err(|e| DitError::Weights(e.to_string()))?;
+        let files = weight_files(dir, "diffusion_pytorch_model")?;
         let (model, _) = Self::new(config, device)?.load_weights(&files, layout)?;
         Ok(model)
     }
@@ -87,7 +87,6 @@ impl<B: Backend> WanTransformer<B> {
     /// must be found exactly once with the right shape, and every checkpoint tensor must be used;
     /// otherwise the error lists the offending keys.
     pub fn load_weights(self, files: &[PathBuf], layout: CheckpointLayout) -> Result<(Self, LoadReport), DitError> {
-        load_strict(self, files, layout.remap_table(), &format!("{layout:?}"))
-            .map_err(|e| DitError::Weights(e.to_string()))
+        Ok(load_strict(self, files, layout.remap_table(), &format!("{layout:?}"))?)
     }
 }

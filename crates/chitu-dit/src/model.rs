@@ -17,13 +17,18 @@ pub const ROPE_THETA: f64 = 10000.0;
 /// diffusers' `WanTransformer3DModel` (text-to-video).
 #[derive(Module, Debug)]
 pub struct WanTransformer<B: Backend> {
+    /// The 3D patch embedding (`patch_embedding`).
     pub patch_embedding: PatchEmbed<B>,
+    /// Timestep and text embedders (`condition_embedder`).
     pub condition_embedder: ConditionEmbedder<B>,
+    /// The transformer blocks (`blocks.N`).
     pub blocks: Vec<WanBlock<B>>,
+    /// The output projection to patches (`proj_out`).
     pub proj_out: Linear<B>,
     /// `[1, 2, dim]`: shift and scale of the output head.
     pub scale_shift_table: Param<Tensor<B, 3>>,
     #[module(skip)]
+    /// The shape this model was built with.
     pub config: WanDitConfig,
 }
 

@@ -16,8 +16,11 @@ use burn::tensor::{backend::Backend, Bool, ElementConversion, Tensor, TensorData
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
-/// A sequence-parallel group as the DiT sees it. chitu-dist implements it over a communicator;
-/// errors are plain messages (a dead or stuck rank, a transport failure).
+/// Why a collective failed (a dead or stuck rank, a transport failure): the communicator's own
+/// error, shared so that every later use of a failed forward reports the same one.
+pub type CollectiveError = Arc<dyn std::error::Error + Send + Sync>;
+
+/// A sequence-parallel group as the DiT sees it; chitu-gen implements it over a communicator.
 pub trait SeqParallel<B: Backend>: Send + Sync {
     /// Ranks in the group.
     fn size(&self) -> usize;
@@ -25,11 +28,16 @@ pub trait SeqParallel<B: Backend>: Send + Sync {
     fn rank(&self) -> usize;
     /// Splits `x` in `size()` equal chunks along `scatter_dim`, sends chunk `j` to rank `j`, and
     /// concatenates what every rank sent here along `gather_dim`, in rank order.
-    fn all_to_all(&self, x: Tensor<B, 4>, scatter_dim: usize, gather_dim: usize) -> Result<Tensor<B, 4>, String>;
+    fn all_to_all(
+        &self,
+        x: Tensor<B, 4>,
+        scatter_dim: usize,
+        gather_dim: usize,
+    ) -> Result<Tensor<B, 4>, CollectiveError>;
     /// Concatenates every rank's `x` along `dim`, in rank order.
-    fn all_gather(&self, x: Tensor<B, 3>, dim: usize) -> Result<Tensor<B, 3>, String>;
+    fn all_gather(&self, x: Tensor<B, 3>, dim: usize) -> Result<Tensor<B, 3>, CollectiveError>;
     /// Element-wise sums of small host vectors over the group.
-    fn all_sum(&self, values: &[f64]) -> Result<Vec<f64>, String>;
+    fn all_sum(&self, values: &[f64]) -> Result<Vec<f64>, CollectiveError>;
 }
 
 /// Which tokens of the sequence this rank holds, and the group it shares them with.
@@ -43,7 +51,7 @@ pub struct SeqShard<B: Backend> {
     pub local_len: usize,
     /// The first communication failure of this forward; later collectives are skipped so that a
     /// dead peer costs one timeout, not one per layer.
-    failure: Arc<Mutex<Option<String>>>,
+    failure: Arc<Mutex<Option<(&'static str, CollectiveError)>>>,
 }
 
 impl<B: Backend> std::fmt::Debug for SeqShard<B> {
@@ -69,12 +77,12 @@ impl<B: Backend> SeqShard<B> {
         self.seq_len.saturating_sub(self.range().start).min(self.local_len)
     }
 
-    fn fail(&self, message: String) {
+    fn fail(&self, during: &'static str, error: CollectiveError) {
         let mut slot = self.failure.lock().unwrap_or_else(|e| e.into_inner());
-        slot.get_or_insert(message);
+        slot.get_or_insert((during, error));
     }
 
-    fn failed(&self) -> Option<String> {
+    fn failed(&self) -> Option<(&'static str, CollectiveError)> {
         self.failure.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
@@ -115,7 +123,7 @@ impl<B: Backend> AttentionOp<B> for Ulysses<'_, B> {
             }
         };
         let group = &self.shard.group;
-        let run = || -> Result<Tensor<B, 4>, String> {
+        let run = || -> Result<Tensor<B, 4>, CollectiveError> {
             // q, k and v travel in one all-to-all, side by side along the channels.
             let qkv = group.all_to_all(pad(Tensor::cat(vec![q.clone(), k, v], 3)), 2, 1)?;
             let (q, k, v) = (
@@ -136,7 +144,7 @@ impl<B: Backend> AttentionOp<B> for Ulysses<'_, B> {
         match run() {
             Ok(out) => out,
             Err(e) => {
-                self.shard.fail(format!("context-parallel self-attention: {e}"));
+                self.shard.fail("context-parallel self-attention", e);
                 Tensor::zeros([b, s, heads, d], &q.device())
             }
         }
@@ -220,13 +228,13 @@ impl<'a, B: Backend> DitRunner<'a, B> {
         let x = match &e.inputs.shard {
             None => x,
             Some(shard) => {
-                if let Some(failure) = shard.failed() {
-                    return Err(DitError::Parallel(failure));
+                if let Some((during, source)) = shard.failed() {
+                    return Err(DitError::Parallel { during, source });
                 }
-                let all = shard
-                    .group
-                    .all_gather(x, 1)
-                    .map_err(|e| DitError::Parallel(format!("gathering the tokens before the head: {e}")))?;
+                let all = shard.group.all_gather(x, 1).map_err(|source| DitError::Parallel {
+                    during: "gathering the tokens before the head",
+                    source,
+                })?;
                 all.narrow(1, 0, shard.seq_len)
             }
         };
@@ -261,10 +269,10 @@ impl<'a, B: Backend> DitRunner<'a, B> {
         };
         let [diff, scale] = match &e.inputs.shard {
             Some(shard) => {
-                let total = shard
-                    .group
-                    .all_sum(&local)
-                    .map_err(|e| DitError::Parallel(format!("agreeing on a cache decision: {e}")))?;
+                let total = shard.group.all_sum(&local).map_err(|source| DitError::Parallel {
+                    during: "agreeing on a cache decision",
+                    source,
+                })?;
                 [total[0], total[1]]
             }
             None => local,

@@ -1,65 +1,101 @@
-//! The loaded models of one pipeline (Chitu's `DiffusionBackend`).
+//! The loaded models of one pipeline (Chitu's `DiffusionBackend`): a diffusers folder, a Wan
+//! release folder, or the embedded tiny model, and what the memory levels keep off the device.
 
-use crate::offload::{parks_dits, parks_text};
-use crate::{GenError, Offloaded, WanNativeConfig};
+use crate::native::{find, is_wan_native, WanNativeConfig};
+use crate::{DiffusionUserParams, GenError, Offloaded};
 use burn::tensor::backend::Backend;
-use chitu_dit::WanTransformer;
-use chitu_text::TextEncoder;
-use chitu_vae::WanVae;
-use std::path::Path;
+use chitu_dit::{WanDitConfig, WanTransformer};
+use chitu_sched::SchedulerSpec;
+use chitu_text::{T5Tokenizer, TextEncoder, Umt5Config, Umt5Encoder};
+use chitu_vae::{WanVae, WanVaeConfig};
+use std::path::{Path, PathBuf};
 
-/// Text encoder, a pool of one or two DiTs, the VAE and the scheduler config of a model.
+/// How to load a model folder.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// The memory level the backend keeps at least (see [`MemoryLevel`]); from 2 the text
+    /// encoder, and from 3 each DiT, is parked in host memory as soon as it loads, so the device
+    /// never holds more than one of them while loading.
+    pub low_mem: u8,
+}
+
+/// What a memory level (`--low-mem`) keeps off the device; the one place the levels are defined.
+///
+/// A request's `low_mem` can raise the backend's level for that request, never lower it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct MemoryLevel(pub u8);
+
+impl MemoryLevel {
+    /// From level 1: the VAE decodes in spatial tiles.
+    pub fn tiled_decode(self) -> bool {
+        self.0 >= 1
+    }
+
+    /// From level 2: the text encoder waits in host memory except while it encodes.
+    pub fn parks_text(self) -> bool {
+        self.0 >= 2
+    }
+
+    /// From level 3: only the active DiT is on the device.
+    pub fn parks_dits(self) -> bool {
+        self.0 >= 3
+    }
+}
+
+/// Text encoder, a pool of one or two DiTs, the VAE and the scheduler of a model.
 ///
 /// The text encoder and the DiTs can be parked in host memory between uses (`low_mem` 2 and 3);
 /// [`Offloaded::with`] brings them back.
 pub struct DiffusionBackend<B: Backend> {
+    /// The text encoder (tokenizer and UMT5).
     pub text: Offloaded<B, TextEncoder<B>>,
     /// `transformer` then, for Wan2.2-A14B, `transformer_2` (the low-noise expert).
     pub model_pool: Vec<Offloaded<B, WanTransformer<B>>>,
     /// The pool switches to its second model once `t < boundary_ratio * num_train_timesteps`.
     pub boundary_ratio: Option<f64>,
+    /// The VAE.
     pub vae: WanVae<B>,
-    /// The folder's `scheduler/scheduler_config.json`.
-    pub scheduler_config: serde_json::Value,
+    /// The folder's scheduler, parsed and checked at load.
+    pub scheduler: SchedulerSpec,
+    /// The device every model runs on.
     pub device: B::Device,
-}
-
-fn read_json(path: &Path) -> Result<serde_json::Value, GenError> {
-    chitu_store::read_json(path).map_err(|e| GenError::Load(e.to_string()))
+    /// The model's name in sidecars and logs (its folder, or `embedded-tiny`).
+    pub name: String,
+    /// The memory level this backend keeps at least.
+    pub memory: MemoryLevel,
 }
 
 impl<B: Backend> DiffusionBackend<B> {
-    /// Loads a diffusers-layout Wan folder: `model_index.json`, `transformer/`, optional
-    /// `transformer_2/` with `boundary_ratio`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`.
-    /// A Wan release folder (no `model_index.json`) loads with [`DiffusionBackend::from_wan_dir`]
-    /// and the preset [`WanNativeConfig::for_dir`] picks.
+    /// Loads a model folder with default options; see [`DiffusionBackend::load`].
     pub fn from_dir(dir: impl AsRef<Path>, device: &B::Device) -> Result<Self, GenError> {
-        Self::from_dir_low_mem(dir, device, 0)
+        Self::load(dir, device, LoadOptions::default())
     }
 
-    /// [`DiffusionBackend::from_dir`] for a memory level: from 2 the text encoder, and from 3
-    /// each DiT, is parked in host memory as soon as it is loaded, so the device never holds more
-    /// than one of them while loading.
-    pub fn from_dir_low_mem(dir: impl AsRef<Path>, device: &B::Device, low_mem: u8) -> Result<Self, GenError> {
+    /// Loads a diffusers-layout Wan folder: `model_index.json`, `transformer/`, optional
+    /// `transformer_2/` with `boundary_ratio`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`.
+    /// A Wan release folder (no `model_index.json`) loads as [`DiffusionBackend::from_wan_dir`]
+    /// with the preset [`WanNativeConfig::for_dir`] picks.
+    pub fn load(dir: impl AsRef<Path>, device: &B::Device, options: LoadOptions) -> Result<Self, GenError> {
         let dir = dir.as_ref();
-        if crate::native::is_wan_native(dir) {
-            return Self::from_wan_dir_low_mem(dir, &WanNativeConfig::for_dir(dir), device, low_mem);
+        if is_wan_native(dir) {
+            return Self::from_wan_dir_with(dir, &WanNativeConfig::for_dir(dir), device, options);
         }
-        let index = read_json(&dir.join("model_index.json"))?;
+        let index_path = dir.join("model_index.json");
+        let index = chitu_store::read_json(&index_path)?;
         let second = index
             .get("transformer_2")
             .and_then(|v| v.get(0))
             .is_some_and(|v| !v.is_null());
         let boundary_ratio = index.get("boundary_ratio").and_then(|v| v.as_f64());
         if second != boundary_ratio.is_some() {
-            return Err(GenError::Load(format!(
-                "{}: transformer_2 and boundary_ratio must come together",
-                dir.join("model_index.json").display()
-            )));
+            return Err(GenError::Folder {
+                path: index_path,
+                message: "transformer_2 and boundary_ratio must come together".into(),
+            });
         }
-        let load = |e: &dyn std::fmt::Display| GenError::Load(e.to_string());
-        let text = TextEncoder::from_pipeline_dir(dir, device).map_err(|e| load(&e))?;
-        let text = Offloaded::loaded("text encoder", text, device, parks_text(low_mem))?;
+        let memory = MemoryLevel(options.low_mem);
+        let text = TextEncoder::from_pipeline_dir(dir, device)?;
+        let text = Offloaded::loaded("text encoder", text, device, memory.parks_text())?;
         let names: &[&str] = if second {
             &["transformer", "transformer_2"]
         } else {
@@ -67,35 +103,165 @@ impl<B: Backend> DiffusionBackend<B> {
         };
         let mut model_pool = Vec::new();
         for name in names {
-            let dit = WanTransformer::from_dir(dir.join(name), device).map_err(|e| load(&e))?;
-            model_pool.push(Offloaded::loaded(*name, dit, device, parks_dits(low_mem))?);
+            let dit = WanTransformer::from_dir(dir.join(name), device)?;
+            model_pool.push(Offloaded::loaded(*name, dit, device, memory.parks_dits())?);
         }
-        let vae = WanVae::from_dir(dir.join("vae"), device).map_err(|e| load(&e))?;
-        let scheduler_config = read_json(&dir.join("scheduler/scheduler_config.json"))?;
+        let vae = WanVae::from_dir(dir.join("vae"), device)?;
+        let scheduler =
+            SchedulerSpec::from_json(&chitu_store::read_json(&dir.join("scheduler/scheduler_config.json"))?)?;
         Ok(Self {
             text,
             model_pool,
             boundary_ratio,
             vae,
-            scheduler_config,
+            scheduler,
             device: device.clone(),
+            name: dir.display().to_string(),
+            memory,
         })
     }
 
-    /// Parks what `low_mem` keeps off the device: the text encoder from level 2, every DiT from
+    /// Loads a Wan release folder with the shapes and sampler settings of `config`.
+    pub fn from_wan_dir(dir: impl AsRef<Path>, config: &WanNativeConfig, device: &B::Device) -> Result<Self, GenError> {
+        Self::from_wan_dir_with(dir, config, device, LoadOptions::default())
+    }
+
+    /// [`DiffusionBackend::from_wan_dir`] with load options.
+    pub fn from_wan_dir_with(
+        dir: impl AsRef<Path>,
+        config: &WanNativeConfig,
+        device: &B::Device,
+        options: LoadOptions,
+    ) -> Result<Self, GenError> {
+        let dir = dir.as_ref();
+        let memory = MemoryLevel(options.low_mem);
+        let t5 = find(
+            dir,
+            &[
+                "models_t5_umt5-xxl-enc-bf16.pth",
+                "models_t5_umt5-xxl-enc-bf16.safetensors",
+            ],
+        )?;
+        let tokenizer = find(&dir.join("google/umt5-xxl"), &["tokenizer.json"])?;
+        let text = TextEncoder::from_wan_files(&t5, &tokenizer, config.text.clone(), device)?;
+        let text = Offloaded::loaded("text encoder", text, device, memory.parks_text())?;
+
+        let experts: Vec<PathBuf> = if dir.join("high_noise_model").is_dir() {
+            vec![dir.join("high_noise_model"), dir.join("low_noise_model")]
+        } else {
+            vec![dir.to_path_buf()]
+        };
+        if (experts.len() == 2) != config.boundary_ratio.is_some() {
+            return Err(GenError::Folder {
+                path: dir.to_path_buf(),
+                message: format!(
+                    "{} expert folder(s) but boundary_ratio {:?}; two experts need a boundary and one needs none",
+                    experts.len(),
+                    config.boundary_ratio
+                ),
+            });
+        }
+        let mut model_pool = Vec::new();
+        for (i, d) in experts.iter().enumerate() {
+            let dit = WanTransformer::from_dir(d, device)?;
+            let name = ["transformer", "transformer_2"][i];
+            model_pool.push(Offloaded::loaded(name, dit, device, memory.parks_dits())?);
+        }
+
+        let vae_file = find(dir, &["Wan2.1_VAE.pth", "Wan2.1_VAE.safetensors"])?;
+        let vae = WanVae::from_wan_checkpoint(&vae_file, config.vae.clone(), device)?;
+        Ok(Self {
+            text,
+            model_pool,
+            boundary_ratio: config.boundary_ratio,
+            vae,
+            scheduler: SchedulerSpec::unipc_flow(config.shift),
+            device: device.clone(),
+            name: dir.display().to_string(),
+            memory,
+        })
+    }
+
+    /// The embedded tiny Wan2.1-shaped model: 2-layer UMT5 (d 32), 2-block DiT (dim 48),
+    /// VAE of base width 8, UniPC with shift 3. Weights are random with a fixed seed.
+    pub fn embedded_tiny(device: &B::Device) -> Result<Self, GenError> {
+        B::seed(device, TINY_WEIGHT_SEED);
+        let tokenizer = T5Tokenizer::from_json_bytes(TINY_TOKENIZER.as_bytes())?;
+        let text_config = Umt5Config {
+            vocab_size: tokenizer.vocab_size(),
+            d_model: 32,
+            d_kv: 8,
+            d_ff: 64,
+            num_heads: 4,
+            num_layers: 2,
+            ..Umt5Config::umt5_xxl()
+        };
+        let encoder = Umt5Encoder::new(text_config, device)?;
+        let dit_config = WanDitConfig {
+            num_heads: 2,
+            head_dim: 24,
+            text_dim: 32,
+            ffn_dim: 96,
+            num_layers: 2,
+            ..WanDitConfig::wan21_t2v_1_3b()
+        };
+        let dit = WanTransformer::new(dit_config, device)?;
+        let vae_config = WanVaeConfig {
+            base_dim: 8,
+            ..WanVaeConfig::default()
+        };
+        let vae = WanVae::new(vae_config, device)?;
+        let text = TextEncoder::new(tokenizer, encoder, device.clone());
+        Ok(Self {
+            text: Offloaded::new("text encoder", text, device),
+            model_pool: vec![Offloaded::new("transformer", dit, device)],
+            boundary_ratio: None,
+            vae,
+            scheduler: SchedulerSpec::unipc_flow(3.0),
+            device: device.clone(),
+            name: "embedded-tiny".into(),
+            memory: MemoryLevel::default(),
+        })
+    }
+
+    /// The memory level a request runs at: its own `low_mem`, or the backend's when higher.
+    pub fn memory(&self, low_mem: u8) -> MemoryLevel {
+        self.memory.max(MemoryLevel(low_mem))
+    }
+
+    /// Which pool model and guidance scale denoise at timestep `t`.
+    pub fn expert(&self, t: f64, params: &DiffusionUserParams) -> (usize, f64) {
+        let train_steps = self.scheduler.num_train_timesteps() as f64;
+        match self.boundary_ratio {
+            Some(ratio) if t < ratio * train_steps => (1, params.guidance_scale_2.unwrap_or(params.guidance_scale)),
+            _ => (0, params.guidance_scale),
+        }
+    }
+
+    /// Pool model `index`, or an error naming the pool's size.
+    pub fn dit(&self, index: usize) -> Result<&Offloaded<B, WanTransformer<B>>, GenError> {
+        self.model_pool.get(index).ok_or_else(|| {
+            GenError::Params(format!(
+                "the model pool has {} model(s), no model {index}",
+                self.model_pool.len()
+            ))
+        })
+    }
+
+    /// Parks what `memory` keeps off the device: the text encoder from level 2, every DiT from
     /// level 3. Each comes back when it is next used.
-    pub fn park_for(&self, low_mem: u8) -> Result<(), GenError> {
-        if parks_text(low_mem) {
+    pub fn park_for(&self, memory: MemoryLevel) -> Result<(), GenError> {
+        if memory.parks_text() {
             self.text.park()?;
         }
-        if parks_dits(low_mem) {
+        if memory.parks_dits() {
             self.park_dits_except(None)?;
         }
         Ok(())
     }
 
     /// Parks every DiT of the pool but `keep`.
-    pub(crate) fn park_dits_except(&self, keep: Option<usize>) -> Result<(), GenError> {
+    pub fn park_dits_except(&self, keep: Option<usize>) -> Result<(), GenError> {
         for (i, dit) in self.model_pool.iter().enumerate() {
             if Some(i) != keep {
                 dit.park()?;
@@ -104,3 +270,9 @@ impl<B: Backend> DiffusionBackend<B> {
         Ok(())
     }
 }
+
+/// The tiny T5 tokenizer of the parity fixtures (a 120-piece unigram vocabulary).
+const TINY_TOKENIZER: &str = include_str!("../assets/tiny_tokenizer.json");
+
+/// Seed of the embedded model's weights.
+pub const TINY_WEIGHT_SEED: u64 = 2024;

@@ -78,23 +78,19 @@ impl<B: Backend> Generator<B> {
         };
         // Under a mesh only the output rank holds the video; every rank reruns the denoise.
         let (Some(latents), Some(start), true) = (
-            cached.buffer.latents.clone(),
+            cached.latents().cloned(),
             cached.start_latents(),
-            cached.is_finished() && (cached.buffer.video.is_some() || !self.is_output_rank()),
+            cached.is_finished() && (cached.video().is_some() || !self.is_output_rank()),
         ) else {
-            return Err(GenError::Stage("cache check: the cached run has not finished".into()));
+            return Err(GenError::Task("to check has not finished"));
         };
         let params = DiffusionUserParams {
             cache: None,
             ..cached.params.clone()
         };
-        let plain = self.generate(DiffusionTask::from_user_request(params)?.with_initial_latents(start))?;
-        let Some(plain_latents) = plain.buffer.latents.clone() else {
-            return Err(GenError::Stage(
-                "cache check: the uncached run produced no latents".into(),
-            ));
-        };
-        let psnr_db = match (cached.buffer.video.clone(), plain.buffer.video.clone()) {
+        let plain = self.run(DiffusionTask::from_user_request(params)?.with_initial_latents(start))?;
+        let plain_latents = plain.latents().cloned().ok_or(GenError::Task("ran without latents"))?;
+        let psnr_db = match (cached.video().cloned(), plain.video().cloned()) {
             (Some(a), Some(b)) => psnr(video_to_frames(a), video_to_frames(b)),
             _ => f64::NAN,
         };
@@ -103,14 +99,14 @@ impl<B: Backend> Generator<B> {
             stats,
             psnr_db,
             max_abs_latent_diff: max_abs_diff(latents, plain_latents),
-            denoise_s: cached.buffer.timings.denoise,
-            uncached_denoise_s: plain.buffer.timings.denoise,
+            denoise_s: cached.timings().denoise,
+            uncached_denoise_s: plain.timings().denoise,
         })
     }
 
     /// Generates `params` (which must name a cache) and checks it against the uncached run.
     pub fn generate_checked(&self, params: DiffusionUserParams) -> Result<(DiffusionTask<B>, CacheCheck), GenError> {
-        let task = self.generate(DiffusionTask::from_user_request(params)?)?;
+        let task = self.run(DiffusionTask::from_user_request(params)?)?;
         let check = self.cache_check(&task)?;
         Ok((task, check))
     }

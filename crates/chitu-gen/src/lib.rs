@@ -1,55 +1,133 @@
 //! The chitu Generator: Wan text-to-video pipelines as staged tasks, after Chitu's Generator API.
 //!
-//! A [`DiffusionBackend`] holds the loaded models (text encoder, a pool of one or two DiTs, the
-//! VAE, the scheduler config). A [`Generator`] advances a [`DiffusionTask`] one unit at a time with
-//! [`Generator::generate_step`]: text encoding, each denoise step, the VAE decode.
+//! The short path loads a model folder and generates one video:
+//!
+//! ```no_run
+//! use chitu_gen::{DiffusionUserParams, Generator, LoadOptions};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let device = Default::default();
+//! let generator = Generator::<burn_flex::Flex>::from_dir("Wan2.1-T2V-1.3B-Diffusers", &device, LoadOptions::default())?;
+//! let video = generator.generate(DiffusionUserParams::new("A cat walking on grass"))?;
+//! video.save_mp4("cat.mp4")?;
+//! # Ok(()) }
+//! ```
+//!
+//! Underneath, a [`DiffusionBackend`] holds the loaded models (text encoder, a pool of one or two
+//! DiTs, the VAE, the scheduler spec) and a [`Generator`] advances a [`DiffusionTask`] one unit at
+//! a time with [`Generator::generate_step`]: text encoding, each denoise step, the VAE decode.
+//! `pipeline.rs` holds that loop, in the order diffusers' `pipeline_wan.py` runs it.
+
+#![warn(missing_docs)]
 
 mod backend;
 mod check;
-mod generator;
+#[cfg(feature = "video")]
+mod encode;
+mod host_weights;
 mod native;
 mod offload;
 pub mod oom;
-pub mod output;
+mod parallel;
 mod params;
+mod pipeline;
 mod plan;
 mod pool;
-mod tiny;
+mod task;
+pub mod video;
 
-pub use backend::DiffusionBackend;
+pub use backend::{DiffusionBackend, LoadOptions, MemoryLevel, TINY_WEIGHT_SEED};
 pub use check::CacheCheck;
-pub use generator::{seeded_noise, video_to_frames, DiffusionTask, Generator, Stage, StageTimings, TaskBuffer};
-pub use native::{is_wan_native, unipc_flow_config, WanNativeConfig};
-pub use offload::{Offload, Offloaded};
+pub use host_weights::HostWeights;
+pub use native::{is_wan_native, WanNativeConfig};
+pub use offload::{Offload, OffloadError, Offloaded};
+pub use parallel::UlyssesGroup;
 pub use params::DiffusionUserParams;
+pub use pipeline::{seeded_noise, video_to_frames, Generator};
 pub use plan::{PlanOutput, PlanStage};
 pub use pool::{TaskId, TaskPool};
-pub use tiny::TINY_WEIGHT_SEED;
+pub use task::{DiffusionTask, Stage, StageTimings};
+pub use video::{Video, VideoError};
 
-/// Errors of the generator.
+use std::path::PathBuf;
+
+/// Errors of the generator. Each wraps the failing crate's own error, so a caller can match on,
+/// say, a missing checkpoint key (`GenError::Dit(DitError::Load(LoadError::MissingKeys { .. }))`).
 #[derive(Debug, thiserror::Error)]
 pub enum GenError {
-    /// A request field is invalid.
+    /// A request field is invalid; the message names the field.
     #[error("invalid request: {0}")]
     Params(String),
-    /// A model folder could not be loaded.
-    #[error("loading the model: {0}")]
-    Load(String),
-    /// A stage failed.
-    #[error("{0}")]
-    Stage(String),
-    /// A file could not be written.
-    #[error("writing output: {0}")]
-    Output(String),
-    /// The device ran out of memory in a stage.
-    #[error(
-        "out of device memory in {stage}: {detail}; try --low-mem 1 (tiled VAE decode), 2 (text encoder off the device) or 3 (only the active DiT on the device), fewer frames or a smaller size"
-    )]
-    OutOfMemory { stage: String, detail: String },
+    /// A model folder is incomplete or inconsistent (a missing file, a `transformer_2` without
+    /// `boundary_ratio`).
+    #[error("{}: {message}", path.display())]
+    Folder {
+        /// The folder or file at fault.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A folder's JSON (`model_index.json`, the scheduler config) could not be read.
+    #[error(transparent)]
+    Store(#[from] chitu_store::LoadError),
+    /// Loading or running the text encoder failed.
+    #[error("text encoder: {0}")]
+    Text(#[from] chitu_text::TextError),
+    /// Loading the transformer failed.
+    #[error("transformer: {0}")]
+    Dit(#[from] chitu_dit::DitError),
+    /// A denoise step's transformer call failed.
+    #[error("denoise step {step}: {source}")]
+    Denoise {
+        /// The step, from 0.
+        step: usize,
+        /// The transformer's error.
+        #[source]
+        source: chitu_dit::DitError,
+    },
+    /// Loading or running the VAE failed.
+    #[error("VAE: {0}")]
+    Vae(#[from] chitu_vae::VaeError),
+    /// The scheduler config is unsupported, or a step failed.
+    #[error("scheduler: {0}")]
+    Scheduler(#[from] chitu_sched::SchedError),
+    /// The request's cache settings are invalid.
+    #[error(transparent)]
+    Cache(#[from] chitu_cache::CacheError),
+    /// Moving a model between the device and host memory failed.
+    #[error("the {model}: {source}")]
+    Offload {
+        /// The model's name.
+        model: String,
+        /// What failed.
+        #[source]
+        source: OffloadError,
+    },
+    /// The device ran out of memory in a stage. The task cannot continue; lower the memory
+    /// level's footprint (a higher `low_mem`, fewer frames, a smaller size) and run it again.
+    #[error("out of device memory in {stage}: {detail}")]
+    OutOfMemory {
+        /// The stage that failed.
+        stage: String,
+        /// The backend's first line about it.
+        detail: String,
+    },
     /// A collective of a parallel run failed (a dead or stuck rank, a bad layout).
-    #[error("parallel run: {0}")]
-    Parallel(String),
-    /// Latents became NaN or infinite.
+    #[error("parallel run, {during}: {source}")]
+    Parallel {
+        /// What the generator was doing.
+        during: String,
+        /// The communicator's error.
+        #[source]
+        source: chitu_dist::CommError,
+    },
+    /// A tensor became NaN or infinite; the string says which and where.
     #[error("NaN or Inf detected in {0}")]
     NonFinite(String),
+    /// A finished task was asked for something it does not hold (a video on a rank that does not
+    /// decode, latents of a task that has not started).
+    #[error("the task {0}")]
+    Task(&'static str),
+    /// Taking the frames or writing an output file failed.
+    #[error(transparent)]
+    Output(#[from] VideoError),
 }

@@ -6,12 +6,34 @@
 //! where the device is host memory, parking saves nothing and costs a copy: the levels are meant
 //! for GPU backends.
 
-use crate::GenError;
+use crate::{GenError, HostWeights};
 use burn::tensor::backend::Backend;
 use chitu_dit::{WanDitConfig, WanTransformer};
-use chitu_store::{FileRows, HostWeights};
+use chitu_store::FileRows;
 use chitu_text::{T5Tokenizer, TextEncoder, Umt5Config, Umt5Encoder};
 use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Why a model could not move between the device and host memory.
+#[derive(Debug, thiserror::Error)]
+pub enum OffloadError {
+    /// A tensor could not be read off the device.
+    #[error("{tensor}: cannot copy to the host: {message}")]
+    ToHost {
+        /// The tensor's module path.
+        tensor: String,
+        /// The backend's message.
+        message: String,
+    },
+    /// The parked tensors do not fit the rebuilt model.
+    #[error("parked weights do not fit the module: {0}")]
+    Mismatch(String),
+    /// The model's skeleton could not be rebuilt on the device.
+    #[error("rebuilding the model: {0}")]
+    Rebuild(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// An earlier move back failed half-way, and the model is gone.
+    #[error("{0}; the model is gone, reload the backend")]
+    Lost(String),
+}
 
 /// A model whose tensors can move to host memory and back.
 pub trait Offload<B: Backend>: Sized + Send {
@@ -20,9 +42,9 @@ pub trait Offload<B: Backend>: Sized + Send {
     /// The shell of this model.
     fn shell(&self) -> Self::Shell;
     /// Copies the model's tensors to the host.
-    fn to_host(&self) -> Result<HostWeights, String>;
+    fn to_host(&self) -> Result<HostWeights, OffloadError>;
     /// Rebuilds the model on `device` from its shell and parked tensors.
-    fn from_host(shell: &Self::Shell, host: HostWeights, device: &B::Device) -> Result<Self, String>;
+    fn from_host(shell: &Self::Shell, host: HostWeights, device: &B::Device) -> Result<Self, OffloadError>;
 }
 
 impl<B: Backend> Offload<B> for WanTransformer<B> {
@@ -32,13 +54,13 @@ impl<B: Backend> Offload<B> for WanTransformer<B> {
         self.config.clone()
     }
 
-    fn to_host(&self) -> Result<HostWeights, String> {
-        HostWeights::from_module(self).map_err(|e| e.to_string())
+    fn to_host(&self) -> Result<HostWeights, OffloadError> {
+        HostWeights::from_module(self)
     }
 
-    fn from_host(shell: &WanDitConfig, host: HostWeights, device: &B::Device) -> Result<Self, String> {
-        let skeleton = WanTransformer::new(shell.clone(), device).map_err(|e| e.to_string())?;
-        host.into_module(skeleton).map_err(|e| e.to_string())
+    fn from_host(shell: &WanDitConfig, host: HostWeights, device: &B::Device) -> Result<Self, OffloadError> {
+        let skeleton = WanTransformer::new(shell.clone(), device).map_err(|e| OffloadError::Rebuild(e.into()))?;
+        host.into_module(skeleton)
     }
 }
 
@@ -55,40 +77,30 @@ impl<B: Backend> Offload<B> for TextEncoder<B> {
         )
     }
 
-    fn to_host(&self) -> Result<HostWeights, String> {
-        HostWeights::from_module(&self.encoder).map_err(|e| e.to_string())
+    fn to_host(&self) -> Result<HostWeights, OffloadError> {
+        HostWeights::from_module(&self.encoder)
     }
 
     fn from_host(
         (tokenizer, config, rows): &Self::Shell,
         host: HostWeights,
         device: &B::Device,
-    ) -> Result<Self, String> {
-        let mut skeleton = Umt5Encoder::new(config.clone(), device).map_err(|e| e.to_string())?;
+    ) -> Result<Self, OffloadError> {
+        let mut skeleton = Umt5Encoder::new(config.clone(), device).map_err(|e| OffloadError::Rebuild(e.into()))?;
         if rows.is_some() {
             skeleton.token_embedding = None;
             skeleton.token_rows = rows.clone();
         }
-        let encoder = host.into_module(skeleton).map_err(|e| e.to_string())?;
+        let encoder = host.into_module(skeleton)?;
         Ok(TextEncoder::new(tokenizer.clone(), encoder, device.clone()))
     }
-}
-
-/// Whether memory level `low_mem` keeps the text encoder in host memory between prompts.
-pub(crate) fn parks_text(low_mem: u8) -> bool {
-    low_mem >= 2
-}
-
-/// Whether memory level `low_mem` keeps every DiT but the active one in host memory.
-pub(crate) fn parks_dits(low_mem: u8) -> bool {
-    low_mem >= 3
 }
 
 enum Slot<M> {
     Resident(M),
     Parked(HostWeights),
     /// A move failed half-way (the device ran out of memory while the tensors came back).
-    Lost(String),
+    Lost(OffloadError),
 }
 
 /// A model on the device, or parked in host memory until it is next used.
@@ -131,6 +143,13 @@ impl<B: Backend, M: Offload<B>> Offloaded<B, M> {
         self.slot.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn error(&self, source: OffloadError) -> GenError {
+        GenError::Offload {
+            model: self.name.clone(),
+            source,
+        }
+    }
+
     /// Whether the model is on the device now.
     pub fn is_resident(&self) -> bool {
         matches!(*self.lock(), Slot::Resident(_))
@@ -149,9 +168,7 @@ impl<B: Backend, M: Offload<B>> Offloaded<B, M> {
     pub fn park(&self) -> Result<(), GenError> {
         let mut slot = self.lock();
         if let Slot::Resident(model) = &*slot {
-            let host = model
-                .to_host()
-                .map_err(|e| GenError::Stage(format!("parking the {} in host memory: {e}", self.name)))?;
+            let host = model.to_host().map_err(|source| self.error(source))?;
             tracing::debug!(model = %self.name, bytes = host.bytes(), "parked in host memory");
             *slot = Slot::Parked(host);
         }
@@ -163,20 +180,20 @@ impl<B: Backend, M: Offload<B>> Offloaded<B, M> {
     pub fn with<R>(&self, f: impl FnOnce(&M) -> R) -> Result<R, GenError> {
         let mut slot = self.lock();
         if matches!(*slot, Slot::Parked(_)) {
-            let why = |e: &str| format!("bringing the {} back to the device: {e}", self.name);
             // Marked lost during the move, so that a panic half-way (the device out of memory)
             // leaves a clear error for every later use instead of a half-built model.
-            let Slot::Parked(host) = std::mem::replace(&mut *slot, Slot::Lost(why("the move did not finish"))) else {
+            let unfinished = OffloadError::Lost("the move back to the device did not finish".into());
+            let Slot::Parked(host) = std::mem::replace(&mut *slot, Slot::Lost(unfinished)) else {
                 unreachable!("matched above")
             };
             *slot = match M::from_host(&self.shell, host, &self.device) {
                 Ok(model) => Slot::Resident(model),
-                Err(e) => Slot::Lost(why(&e)),
+                Err(e) => Slot::Lost(e),
             };
         }
         match &*slot {
             Slot::Resident(model) => Ok(f(model)),
-            Slot::Lost(why) => Err(GenError::Stage(format!("{why}; the model is gone, reload the backend"))),
+            Slot::Lost(e) => Err(self.error(OffloadError::Lost(format!("bringing it back to the device: {e}")))),
             Slot::Parked(_) => unreachable!("restored above"),
         }
     }
@@ -202,18 +219,18 @@ mod tests {
         fn shell(&self) -> bool {
             self.fail
         }
-        fn to_host(&self) -> Result<HostWeights, String> {
-            HostWeights::from_module(self).map_err(|e| e.to_string())
+        fn to_host(&self) -> Result<HostWeights, OffloadError> {
+            HostWeights::from_module(self)
         }
-        fn from_host(fail: &bool, host: HostWeights, device: &B::Device) -> Result<Self, String> {
+        fn from_host(fail: &bool, host: HostWeights, device: &B::Device) -> Result<Self, OffloadError> {
             if *fail {
-                return Err("no room".into());
+                return Err(OffloadError::Rebuild("no room".into()));
             }
             let skeleton = Toy {
                 fc: LinearConfig::new(3, 2).init(device),
                 fail: false,
             };
-            host.into_module(skeleton).map_err(|e| e.to_string())
+            host.into_module(skeleton)
         }
     }
 

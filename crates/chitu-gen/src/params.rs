@@ -7,15 +7,19 @@ use chitu_sched::SolverKind;
 /// One text-to-video request (Chitu's `DiffusionUserParams`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct DiffusionUserParams {
+    /// What to generate.
     pub prompt: String,
     /// The unconditional prompt; empty by default, as in diffusers.
     pub negative_prompt: String,
     /// Seed of the initial noise.
     pub seed: u64,
+    /// Video height in pixels, a multiple of 16.
     pub height: usize,
+    /// Video width in pixels, a multiple of 16.
     pub width: usize,
     /// Must be `4k + 1`.
     pub num_frames: usize,
+    /// Denoise steps.
     pub num_inference_steps: usize,
     /// Guidance of the (first) expert; classifier-free guidance runs when it is above 1.
     pub guidance_scale: f64,
@@ -25,10 +29,12 @@ pub struct DiffusionUserParams {
     pub solver: Option<SolverKind>,
     /// The flow shift; the model folder's when unset.
     pub shift: Option<f64>,
+    /// Text tokens the prompt is padded or cut to (diffusers' `max_sequence_length`).
     pub max_sequence_length: usize,
-    /// Memory saving: 0 off; 1 tiled VAE decode; 2 also parks the text encoder in host memory
-    /// between prompts; 3 also keeps only the active DiT on the device (the other expert, and
-    /// every DiT outside denoising, is parked).
+    /// Memory saving, as [`crate::MemoryLevel`]: 0 off; 1 tiled VAE decode; 2 also parks the
+    /// text encoder in host memory between prompts; 3 also keeps only the active DiT on the
+    /// device (the other expert, and every DiT outside denoising, is parked). A backend loaded at
+    /// a higher level keeps its own.
     pub low_mem: u8,
     /// The FlexCache policy; none computes every block of every call.
     pub cache: Option<CacheConfig>,
@@ -118,5 +124,19 @@ impl DiffusionUserParams {
     /// The latent shape `[1, 16, (F - 1) / 4 + 1, H / 8, W / 8]` for a VAE of `z_dim` channels.
     pub fn latent_shape(&self, z_dim: usize) -> [usize; 5] {
         [1, z_dim, (self.num_frames - 1) / 4 + 1, self.height / 8, self.width / 8]
+    }
+}
+
+impl DiffusionUserParams {
+    /// Defaults sized for the embedded tiny model: 64x64, 9 frames, 10 steps.
+    pub fn tiny(prompt: impl Into<String>) -> Self {
+        Self {
+            height: 64,
+            width: 64,
+            num_frames: 9,
+            num_inference_steps: 10,
+            max_sequence_length: 64,
+            ..Self::new(prompt)
+        }
     }
 }

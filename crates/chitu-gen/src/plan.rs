@@ -5,8 +5,8 @@
 //! continues with its own model from that point of its schedule. No reference model exists for
 //! this; Wan2.2's own two-expert switch is the timestep boundary of a single stage.
 
-use crate::generator::{seeded_noise, Stage};
-use crate::{DiffusionTask, DiffusionUserParams, GenError, Generator};
+use crate::task::Denoising;
+use crate::{seeded_noise, DiffusionTask, DiffusionUserParams, GenError, Generator};
 use burn::tensor::{backend::Backend, Tensor};
 
 /// One stage of a plan.
@@ -16,8 +16,11 @@ pub struct PlanStage {
     pub model: usize,
     /// Steps of this stage's schedule.
     pub steps: usize,
+    /// Height of this stage's video, in pixels.
     pub height: usize,
+    /// Width of this stage's video, in pixels.
     pub width: usize,
+    /// Guidance of this stage.
     pub guidance_scale: f64,
     /// Where a later stage enters its schedule: the first step whose sigma is at most this
     /// (ignored for the first stage, which starts from noise at step 0).
@@ -26,7 +29,9 @@ pub struct PlanStage {
 
 /// The latents of each stage's end, and the decoded video of the last.
 pub struct PlanOutput<B: Backend> {
+    /// Each stage's final latents.
     pub stage_latents: Vec<Tensor<B, 5>>,
+    /// The last stage's video `[1, 3, F, H, W]` in [-1, 1].
     pub video: Tensor<B, 5>,
 }
 
@@ -66,7 +71,7 @@ impl<B: Backend> Generator<B> {
                 ..params.clone()
             };
             // Validates the stage's request before anything runs.
-            let mut task = DiffusionTask::from_user_request(p.clone())?;
+            p.validate()?;
             if st.model >= self.backend.model_pool.len() {
                 return Err(GenError::Params(format!(
                     "stage {i} uses model {} of a pool of {}",
@@ -74,10 +79,10 @@ impl<B: Backend> Generator<B> {
                     self.backend.model_pool.len()
                 )));
             }
-            task.expert_override = Some((st.model, st.guidance_scale));
             let uncond_here = if p.cfg() { uncond.clone() } else { None };
             let mut sched = self.scheduler(&p)?;
             let shape = p.latent_shape(self.backend.vae.config.z_dim);
+            let mut step = 0;
             let latents = match stage_latents.last() {
                 None => match initial_latents.clone() {
                     Some(l) if l.dims() == shape => l,
@@ -99,35 +104,28 @@ impl<B: Backend> Generator<B> {
                         .position(|&s| s <= st.start_sigma)
                         .unwrap_or(0)
                         .min(st.steps - 1);
-                    sched
-                        .set_begin_index(start)
-                        .map_err(|e| GenError::Stage(e.to_string()))?;
+                    sched.set_begin_index(start)?;
                     let sigma = sched.sigmas()[start];
                     let up = upsample_nearest(prev.clone(), h / ph, w / pw);
                     let noise = seeded_noise(p.seed.wrapping_add(i as u64), shape, &self.backend.device);
-                    task.buffer.current_step = start;
+                    step = start;
                     chitu_sched::scale_noise(up, noise, sigma)
                 }
             };
-            task.buffer.cond = Some(cond.clone());
-            task.buffer.uncond = uncond_here;
-            task.buffer.scheduler = Some(sched);
-            task.buffer.latents = Some(latents);
-            task.stage = Stage::Denoise;
-            while task.stage == Stage::Denoise {
-                self.generate_step(&mut task)?;
-            }
-            stage_latents.push(
-                task.buffer
-                    .latents
-                    .take()
-                    .ok_or_else(|| GenError::Stage("no latents".into()))?,
-            );
+            let denoising = Denoising {
+                cond: Some(cond.clone()),
+                uncond: uncond_here,
+                latents,
+                scheduler: sched,
+                step,
+            };
+            let task = DiffusionTask::denoising(p, denoising, Some((st.model, st.guidance_scale)))?;
+            stage_latents.push(self.denoise_from(task)?);
         }
         let last = stage_latents
             .last()
             .cloned()
-            .ok_or_else(|| GenError::Stage("no latents".into()))?;
+            .ok_or(GenError::Task("plan ran no stage"))?;
         let video = self.decode_vae(last)?;
         Ok(PlanOutput { stage_latents, video })
     }

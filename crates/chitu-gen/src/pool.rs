@@ -23,6 +23,7 @@ impl<B: Backend> Default for TaskPool<B> {
 }
 
 impl<B: Backend> TaskPool<B> {
+    /// An empty pool.
     pub fn new() -> Self {
         Self::default()
     }
@@ -56,7 +57,7 @@ impl<B: Backend> TaskPool<B> {
     pub fn run_until_empty(&mut self, generator: &Generator<B>) -> Vec<(TaskId, Result<DiffusionTask<B>, GenError>)> {
         let mut done = Vec::new();
         while let Some((id, task)) = self.queue.pop_front() {
-            done.push((id, generator.generate(task)));
+            done.push((id, generator.run(task)));
         }
         done
     }

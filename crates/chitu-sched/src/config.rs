@@ -129,25 +129,44 @@ pub enum FinalSigmas {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct UniPcConfig {
+    /// Timesteps the model was trained with (1000).
     pub num_train_timesteps: usize,
+    /// Multistep order of the solver.
     pub solver_order: usize,
+    /// What the model predicts; chitu supports `flow_prediction`.
     pub prediction_type: String,
+    /// Dynamic thresholding (unsupported; must be false).
     pub thresholding: bool,
+    /// Whether UniPC updates the predicted clean sample (diffusers' default).
     pub predict_x0: bool,
+    /// The solver variant (`bh1`/`bh2` for UniPC, `midpoint`/`heun` for DPM-Solver).
     pub solver_type: String,
+    /// Lower the order on the last steps, as diffusers does for short schedules.
     pub lower_order_final: bool,
+    /// Steps whose UniPC corrector is skipped.
     pub disable_corrector: Vec<usize>,
+    /// An alternative predictor solver (unsupported; must be null).
     pub solver_p: Option<serde_json::Value>,
+    /// Karras sigmas (unsupported; must be false).
     pub use_karras_sigmas: bool,
+    /// Exponential sigmas (unsupported; must be false).
     pub use_exponential_sigmas: bool,
+    /// Beta sigmas (unsupported; must be false).
     pub use_beta_sigmas: bool,
+    /// Flow-matching sigmas; Wan's configs set it.
     pub use_flow_sigmas: bool,
+    /// The flow shift applied to the sigmas (Wan: 3.0 to 12.0).
     #[serde(deserialize_with = "lenient_f64")]
     pub flow_shift: f64,
+    /// How timesteps are spaced (`linspace`, `leading`, `trailing`).
     pub timestep_spacing: String,
+    /// The last sigma: zero or the schedule's minimum.
     pub final_sigmas_type: FinalSigmas,
+    /// Resolution-dependent shifting (unsupported; must be false).
     pub use_dynamic_shifting: bool,
+    /// Bound of the Karras/exponential/beta tables; the flow sigmas do not read it.
     pub sigma_min: Option<f64>,
+    /// Bound of the Karras/exponential/beta tables; the flow sigmas do not read it.
     pub sigma_max: Option<f64>,
     /// Stretches the shifted schedule so that its last sigma equals this value.
     pub shift_terminal: Option<f64>,
@@ -268,24 +287,42 @@ impl UniPcConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct DpmSolverConfig {
+    /// Timesteps the model was trained with (1000).
     pub num_train_timesteps: usize,
+    /// Multistep order of the solver.
     pub solver_order: usize,
+    /// What the model predicts; chitu supports `flow_prediction`.
     pub prediction_type: String,
+    /// Dynamic thresholding (unsupported; must be false).
     pub thresholding: bool,
+    /// `dpmsolver++` (or `sde-dpmsolver++`, unsupported).
     pub algorithm_type: String,
+    /// The solver variant (`bh1`/`bh2` for UniPC, `midpoint`/`heun` for DPM-Solver).
     pub solver_type: String,
+    /// Lower the order on the last steps, as diffusers does for short schedules.
     pub lower_order_final: bool,
+    /// Take a first-order step at the end.
     pub euler_at_final: bool,
+    /// Karras sigmas (unsupported; must be false).
     pub use_karras_sigmas: bool,
+    /// Exponential sigmas (unsupported; must be false).
     pub use_exponential_sigmas: bool,
+    /// Beta sigmas (unsupported; must be false).
     pub use_beta_sigmas: bool,
+    /// Uniform-lambda steps (unsupported; must be false).
     pub use_lu_lambdas: bool,
+    /// Flow-matching sigmas; Wan's configs set it.
     pub use_flow_sigmas: bool,
+    /// The flow shift applied to the sigmas (Wan: 3.0 to 12.0).
     #[serde(deserialize_with = "lenient_f64")]
     pub flow_shift: f64,
+    /// The last sigma: zero or the schedule's minimum.
     pub final_sigmas_type: FinalSigmas,
+    /// Learned variance (unsupported; must be null).
     pub variance_type: Option<String>,
+    /// How timesteps are spaced (`linspace`, `leading`, `trailing`).
     pub timestep_spacing: String,
+    /// Resolution-dependent shifting (unsupported; must be false).
     pub use_dynamic_shifting: bool,
 }
 
@@ -389,15 +426,24 @@ impl DpmSolverConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct FlowMatchEulerConfig {
+    /// Timesteps the model was trained with (1000).
     pub num_train_timesteps: usize,
+    /// The flow shift applied to the sigmas.
     #[serde(deserialize_with = "lenient_f64")]
     pub shift: f64,
+    /// Resolution-dependent shifting (unsupported; must be false).
     pub use_dynamic_shifting: bool,
+    /// Inverted sigmas (unsupported; must be false).
     pub invert_sigmas: bool,
+    /// Stretches the schedule so that its last sigma equals this value.
     pub shift_terminal: Option<f64>,
+    /// Karras sigmas (unsupported; must be false).
     pub use_karras_sigmas: bool,
+    /// Exponential sigmas (unsupported; must be false).
     pub use_exponential_sigmas: bool,
+    /// Beta sigmas (unsupported; must be false).
     pub use_beta_sigmas: bool,
+    /// Stochastic Euler sampling (unsupported; must be false).
     pub stochastic_sampling: bool,
 }
 

@@ -24,10 +24,13 @@
 //! # Ok(()) }
 //! ```
 
+#![warn(missing_docs)]
+
 mod config;
 mod dpm;
 mod euler;
 mod math;
+mod spec;
 mod unipc;
 
 use burn::tensor::{backend::Backend, Tensor};
@@ -37,6 +40,7 @@ pub use config::{parse_python_json, DpmSolverConfig, FinalSigmas, FlowMatchEuler
 pub use dpm::DpmSolverScheduler;
 pub use euler::FlowMatchEulerScheduler;
 pub use math::{flow_sigmas, numpy_linspace, shift_sigmas, unipc_flow_sigmas};
+pub use spec::{SchedulerConfig, SchedulerSpec};
 pub use unipc::UniPcScheduler;
 
 /// Errors from building or stepping a scheduler.
@@ -45,8 +49,10 @@ pub enum SchedError {
     /// The config file could not be read.
     #[error("cannot read scheduler config {path}: {source}")]
     Io {
+        /// The file.
         path: String,
         #[source]
+        /// What the OS said.
         source: std::io::Error,
     },
     /// The config is not valid JSON or has a field of the wrong type.
@@ -58,15 +64,21 @@ pub enum SchedError {
     /// A config option is set to a value this crate does not implement.
     #[error("{class}: unsupported option {option} = {value}")]
     Unsupported {
+        /// The scheduler class.
         class: &'static str,
+        /// The config option.
         option: &'static str,
+        /// Its value.
         value: String,
     },
     /// A config value is out of its valid range.
     #[error("{class}: invalid {option}: {reason}")]
     Invalid {
+        /// The scheduler class.
         class: &'static str,
+        /// The config option.
         option: &'static str,
+        /// Why it is out of range.
         reason: String,
     },
     /// `step` was called before `set_timesteps`.
@@ -74,13 +86,22 @@ pub enum SchedError {
     NotInitialised(&'static str),
     /// `step` was called more times than the schedule has steps.
     #[error("{class}: schedule of {steps} steps is already finished")]
-    Finished { class: &'static str, steps: usize },
+    Finished {
+        /// The scheduler class.
+        class: &'static str,
+        /// Steps in the schedule.
+        steps: usize,
+    },
     /// The timestep passed to `step` is not the one the schedule is at.
     #[error("{class}: step {index} expects timestep {expected}, got {got}")]
     TimestepMismatch {
+        /// The scheduler class.
         class: &'static str,
+        /// The step the schedule is at.
         index: usize,
+        /// That step's timestep.
         expected: f64,
+        /// The timestep passed.
         got: f64,
     },
 }
@@ -137,18 +158,7 @@ pub fn from_config_file<B: Backend, const D: usize>(
 pub fn from_config_json<B: Backend, const D: usize>(
     config: &serde_json::Value,
 ) -> Result<Box<dyn Scheduler<B, D>>, SchedError> {
-    let class = config
-        .get("_class_name")
-        .and_then(|v| v.as_str())
-        .ok_or_else(|| SchedError::UnknownClass("<missing _class_name>".into()))?;
-    Ok(match class {
-        "UniPCMultistepScheduler" => Box::new(UniPcScheduler::new(serde_json::from_value(config.clone())?)?),
-        "DPMSolverMultistepScheduler" => Box::new(DpmSolverScheduler::new(serde_json::from_value(config.clone())?)?),
-        "FlowMatchEulerDiscreteScheduler" => {
-            Box::new(FlowMatchEulerScheduler::new(serde_json::from_value(config.clone())?)?)
-        }
-        other => return Err(SchedError::UnknownClass(other.to_string())),
-    })
+    SchedulerSpec::from_json(config)?.build(None, None)
 }
 
 /// The solvers a Wan user picks by name, as Wan's own scripts and Chitu name them.

@@ -62,8 +62,8 @@ pub(crate) struct Entry {
 
 /// The open file and its tensors, with every entry checked to lie inside the file.
 pub(crate) fn header(path: &Path) -> Result<(File, Vec<Entry>), LoadError> {
-    let io = |e| LoadError::Io(path.display().to_string(), e);
-    let bad = |why: String| LoadError::Mismatch(format!("{}: not a valid safetensors file: {why}", path.display()));
+    let io = |e| LoadError::io(path, e);
+    let bad = |why: String| LoadError::malformed(path, format!("not a valid safetensors file: {why}"));
     let mut file = File::open(path).map_err(io)?;
     let file_len = file.metadata().map_err(io)?.len();
     let mut len = [0u8; 8];

@@ -7,38 +7,138 @@
 //! (PyTorch has none), and fails with the offending keys listed when anything is missing, unexpected
 //! or of the wrong shape: a checkpoint never loads half-way.
 
+#![warn(missing_docs)]
+
 use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::DType;
 use burn_store::{
-    ApplyResult, KeyRemapper, ModuleAdapter, ModuleSnapshot, ModuleStore, PyTorchToBurnAdapter, PytorchStore,
-    TensorSnapshot,
+    ApplyError, ApplyResult, KeyRemapper, ModuleAdapter, ModuleSnapshot, ModuleStore, PyTorchToBurnAdapter,
+    PytorchStore, TensorSnapshot,
 };
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 mod file;
-mod host;
 mod rows;
-pub use host::{is_host_backend, is_host_f32, HostF32, HostWeights};
 pub use rows::FileRows;
 
-/// Why a checkpoint could not be loaded.
+/// Why a checkpoint could not be loaded. Every variant names the file or the keys at fault, so a
+/// caller can match on, say, a missing key.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    /// A file could not be read.
-    #[error("cannot read {0}: {1}")]
-    Io(String, #[source] std::io::Error),
-    /// The checkpoint does not fit the model, or a file is malformed.
-    #[error("{0}")]
-    Mismatch(String),
+    /// A file could not be opened or read.
+    #[error("cannot read {}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A JSON file (a config, a shard index) is not valid JSON.
+    #[error("{}: invalid JSON: {source}", path.display())]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A file is malformed: a bad safetensors header, an index without a weight map, a tensor of
+    /// an unusable dtype or rank.
+    #[error("{}: {message}", path.display())]
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A folder has no weight file of the expected name.
+    #[error("no weights in {}: expected {stem}.safetensors or {stem}.safetensors.index.json", dir.display())]
+    NoWeights {
+        /// The folder.
+        dir: PathBuf,
+        /// The file stem looked for.
+        stem: String,
+    },
+    /// The module needs tensors that no checkpoint file has (and maybe the files have others).
+    #[error("{label} checkpoint: missing keys: {}{}", list(keys), also_unexpected(unexpected))]
+    MissingKeys {
+        /// The checkpoint layout.
+        label: String,
+        /// The module paths no file supplied.
+        keys: Vec<String>,
+        /// Checkpoint keys that matched no module tensor, with their file.
+        unexpected: Vec<String>,
+    },
+    /// The checkpoint has tensors that match no module tensor.
+    #[error("{label} checkpoint: unexpected keys: {}", list(keys))]
+    UnexpectedKeys {
+        /// The checkpoint layout.
+        label: String,
+        /// The unmatched keys, with their file.
+        keys: Vec<String>,
+    },
+    /// A tensor's shape does not fit the module.
+    #[error("{label} checkpoint: bad tensors: {key} has shape {got:?}, the model expects {expected:?}")]
+    Shape {
+        /// The checkpoint layout.
+        label: String,
+        /// The tensor.
+        key: String,
+        /// The module's shape.
+        expected: Vec<usize>,
+        /// The checkpoint's shape.
+        got: Vec<usize>,
+    },
+    /// Tensors that could not be applied for another reason (read errors, duplicates across
+    /// shards).
+    #[error("{label} checkpoint: bad tensors: {}", list(errors))]
+    BadTensors {
+        /// The checkpoint layout.
+        label: String,
+        /// One line per tensor.
+        errors: Vec<String>,
+    },
+    /// A remap table is not a valid list of regexes.
+    #[error("bad remap table: {0}")]
+    Remap(String),
+}
+
+fn also_unexpected(keys: &[String]) -> String {
+    match keys.is_empty() {
+        true => String::new(),
+        false => format!("; unexpected keys: {}", list(keys)),
+    }
+}
+
+impl LoadError {
+    /// A [`LoadError::Io`] for `path`.
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    /// A [`LoadError::Malformed`] for `path`.
+    pub fn malformed(path: &Path, message: impl Into<String>) -> Self {
+        Self::Malformed {
+            path: path.to_path_buf(),
+            message: message.into(),
+        }
+    }
 }
 
 /// Reads a JSON file (a `config.json`, an index); both failures name the file.
 pub fn read_json(path: &Path) -> Result<serde_json::Value, LoadError> {
-    let text = std::fs::read_to_string(path).map_err(|e| LoadError::Io(path.display().to_string(), e))?;
-    serde_json::from_str(&text).map_err(|e| LoadError::Mismatch(format!("{}: invalid JSON: {e}", path.display())))
+    let text = std::fs::read_to_string(path).map_err(|e| LoadError::io(path, e))?;
+    serde_json::from_str(&text).map_err(|source| LoadError::Json {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// The weight files of a model folder: the shards named by `<stem>.safetensors.index.json` if it
@@ -50,15 +150,14 @@ pub fn weight_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>, LoadError> {
         let map = json
             .get("weight_map")
             .and_then(|m| m.as_object())
-            .ok_or_else(|| LoadError::Mismatch(format!("{}: no weight_map object", index.display())))?;
+            .ok_or_else(|| LoadError::malformed(&index, "no weight_map object"))?;
         let names: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
         let files: Vec<PathBuf> = names.into_iter().map(|n| dir.join(n)).collect();
         if let Some(missing) = files.iter().find(|f| !f.exists()) {
-            return Err(LoadError::Mismatch(format!(
-                "{} lists shard {} which does not exist",
-                index.display(),
-                missing.display()
-            )));
+            return Err(LoadError::malformed(
+                &index,
+                format!("lists shard {} which does not exist", missing.display()),
+            ));
         }
         return Ok(files);
     }
@@ -66,10 +165,10 @@ pub fn weight_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>, LoadError> {
     if single.exists() {
         Ok(vec![single])
     } else {
-        Err(LoadError::Mismatch(format!(
-            "no weights in {}: expected {stem}.safetensors or {stem}.safetensors.index.json",
-            dir.display()
-        )))
+        Err(LoadError::NoWeights {
+            dir: dir.to_path_buf(),
+            stem: stem.to_string(),
+        })
     }
 }
 
@@ -81,7 +180,7 @@ pub(crate) fn is_pickle(path: &Path) -> bool {
 /// A remap table (regex, replacement) as burn-store's remapper.
 pub(crate) fn remapper(remap: &[(impl AsRef<str>, impl AsRef<str>)]) -> Result<KeyRemapper, LoadError> {
     let pairs: Vec<(&str, &str)> = remap.iter().map(|(a, b)| (a.as_ref(), b.as_ref())).collect();
-    KeyRemapper::from_patterns(pairs).map_err(|e| LoadError::Mismatch(format!("bad remap table: {e}")))
+    KeyRemapper::from_patterns(pairs).map_err(|e| LoadError::Remap(e.to_string()))
 }
 
 /// Casts float snapshots to one dtype as they are read (bf16 checkpoints into an f32 model).
@@ -149,13 +248,13 @@ pub fn load_strict_leaving<B: Backend, M: Module<B>>(
     // module's own path spelling (which, unlike checkpoint keys, includes enum variant names).
     let mut missing: Option<BTreeSet<String>> = None;
     let mut applied = BTreeSet::new();
-    let (mut unused, mut errors) = (Vec::new(), Vec::new());
+    let (mut unused, mut errors, mut shapes) = (Vec::new(), Vec::new(), Vec::new());
     for file in files {
         if !file.exists() {
-            return Err(LoadError::Mismatch(format!(
-                "weight file {} does not exist",
-                file.display()
-            )));
+            return Err(LoadError::io(
+                file,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "weight file does not exist"),
+            ));
         }
         let mut snapshots: Vec<TensorSnapshot> = if is_pickle(file) {
             // The store's snapshots, applied with the f32 cast like safetensors: its own
@@ -164,7 +263,7 @@ pub fn load_strict_leaving<B: Backend, M: Module<B>>(
             let mut store = PytorchStore::from_file(file).remap(remapper.clone());
             let all = store
                 .get_all_snapshots()
-                .map_err(|e| LoadError::Mismatch(format!("{}: {e}", file.display())))?;
+                .map_err(|e| LoadError::malformed(file, e.to_string()))?;
             all.values().cloned().collect()
         } else {
             // Not burn-store's SafetensorsStore: it maps the file, and every page read stays
@@ -190,24 +289,37 @@ pub fn load_strict_leaving<B: Backend, M: Module<B>>(
                 .into_iter()
                 .map(|k| format!("{k} (in {})", file.display())),
         );
-        errors.extend(result.errors.iter().map(|e| format!("{e:?}")));
+        for e in result.errors {
+            match e {
+                ApplyError::ShapeMismatch { path, expected, found } => {
+                    shapes.push((path, expected.to_vec(), found.to_vec()))
+                }
+                other => errors.push(format!("{other:?}")),
+            }
+        }
     }
-    let missing: Vec<String> = missing.unwrap_or_default().into_iter().collect();
-    let mut problems = Vec::new();
-    if !missing.is_empty() {
-        problems.push(format!("missing keys: {}", list(&missing)));
+    let label = label.to_string();
+    let keys: Vec<String> = missing.unwrap_or_default().into_iter().collect();
+    if !keys.is_empty() {
+        return Err(LoadError::MissingKeys {
+            label,
+            keys,
+            unexpected: unused,
+        });
     }
     if !unused.is_empty() {
-        problems.push(format!("unexpected keys: {}", list(&unused)));
+        return Err(LoadError::UnexpectedKeys { label, keys: unused });
+    }
+    if let Some((key, expected, got)) = shapes.into_iter().next() {
+        return Err(LoadError::Shape {
+            label,
+            key,
+            expected,
+            got,
+        });
     }
     if !errors.is_empty() {
-        problems.push(format!("bad tensors: {}", list(&errors)));
-    }
-    if !problems.is_empty() {
-        return Err(LoadError::Mismatch(format!(
-            "{label} checkpoint: {}",
-            problems.join("; ")
-        )));
+        return Err(LoadError::BadTensors { label, errors });
     }
     let report = LoadReport {
         applied: applied.len(),

@@ -55,9 +55,7 @@ impl FileRows {
             }
             let (handle, entries) = file::header(path)?;
             // The remapper renames snapshots; these are never read.
-            let reader = handle
-                .try_clone()
-                .map_err(|e| LoadError::Io(path.display().to_string(), e))?;
+            let reader = handle.try_clone().map_err(|e| LoadError::io(path, e))?;
             let (_, names) = remapper.remap(file::snapshots_of(reader, &entries));
             let Some((_, original)) = names.into_iter().find(|(new, _)| new == module_path) else {
                 continue;
@@ -67,18 +65,16 @@ impl FileRows {
                 .find(|e| e.name == original)
                 .expect("the header lists every tensor it made a snapshot of");
             let [rows, cols] = entry.shape[..] else {
-                return Err(LoadError::Mismatch(format!(
-                    "{}: tensor {original} has shape {:?}, not a matrix",
-                    path.display(),
-                    entry.shape
-                )));
+                return Err(LoadError::malformed(
+                    path,
+                    format!("tensor {original} has shape {:?}, not a matrix", entry.shape),
+                ));
             };
             if !matches!(entry.dtype, DType::F32 | DType::F16 | DType::BF16) {
-                return Err(LoadError::Mismatch(format!(
-                    "{}: tensor {original} is {:?}, not f32, f16 or bf16",
-                    path.display(),
-                    entry.dtype
-                )));
+                return Err(LoadError::malformed(
+                    path,
+                    format!("tensor {original} is {:?}, not f32, f16 or bf16", entry.dtype),
+                ));
             }
             return Ok(Some(Self {
                 path: path.clone(),
@@ -112,12 +108,10 @@ impl FileRows {
     /// than once (padding) is read once.
     pub fn gather(&self, ids: &[usize]) -> Result<Vec<f32>, LoadError> {
         if let Some(bad) = ids.iter().find(|&&i| i >= self.rows) {
-            return Err(LoadError::Mismatch(format!(
-                "row {bad} of {} in {}, which has {} rows",
-                self.name,
-                self.path.display(),
-                self.rows
-            )));
+            return Err(LoadError::malformed(
+                &self.path,
+                format!("row {bad} of {} asked for, which has {} rows", self.name, self.rows),
+            ));
         }
         let cols = self.cols;
         let size = self.dtype.size();
@@ -127,7 +121,7 @@ impl FileRows {
         let mut file = self
             .file
             .lock()
-            .map_err(|_| LoadError::Mismatch(format!("{}: a reader panicked", self.path.display())))?;
+            .map_err(|_| LoadError::malformed(&self.path, "a reader panicked"))?;
         for (slot, &id) in ids.iter().enumerate() {
             let (done, dst) = out.split_at_mut(slot * cols);
             let dst = &mut dst[..cols];
@@ -138,7 +132,7 @@ impl FileRows {
             first.insert(id, slot);
             file.seek(SeekFrom::Start(self.at + (id * cols * size) as u64))
                 .and_then(|_| file.read_exact(&mut raw))
-                .map_err(|e| LoadError::Io(format!("{} (row {id} of {})", self.path.display(), self.name), e))?;
+                .map_err(|e| LoadError::io(&self.path, e))?;
             decode(self.dtype, &raw, dst);
         }
         Ok(out)

@@ -6,22 +6,29 @@ use serde::Deserialize;
 /// Shape of a UMT5 encoder (transformers' `UMT5Config`, encoder part).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct Umt5Config {
+    /// Rows of the token table.
     pub vocab_size: usize,
+    /// Hidden width.
     pub d_model: usize,
     /// Channels per head.
     pub d_kv: usize,
     /// Hidden width of the gated FFN.
     pub d_ff: usize,
+    /// Attention heads.
     pub num_heads: usize,
     /// Encoder layers.
     pub num_layers: usize,
     #[serde(default = "default_buckets")]
+    /// Buckets of the relative position bias.
     pub relative_attention_num_buckets: usize,
     #[serde(default = "default_max_distance")]
+    /// Distance beyond which relative positions share a bucket.
     pub relative_attention_max_distance: usize,
     #[serde(default = "default_eps")]
+    /// Epsilon of the RMS norms.
     pub layer_norm_epsilon: f64,
     #[serde(default = "default_ffn")]
+    /// The feed-forward kind (`gated-gelu` for UMT5).
     pub feed_forward_proj: String,
 }
 

@@ -69,11 +69,15 @@ pub struct GatedFfn<B: Backend> {
 /// One UMT5 encoder layer.
 #[derive(Module, Debug)]
 pub struct Umt5Block<B: Backend> {
+    /// RMS norm before self-attention.
     pub norm1: T5LayerNorm<B>,
+    /// Self-attention with this layer's own relative position bias.
     pub attn: T5Attention<B>,
     /// `[num_buckets, num_heads]` relative position bias of this layer.
     pub pos_embedding: Embedding<B>,
+    /// RMS norm before the feed-forward.
     pub norm2: T5LayerNorm<B>,
+    /// The gated-GELU feed-forward.
     pub ffn: GatedFfn<B>,
 }
 
@@ -148,9 +152,12 @@ pub struct Umt5Encoder<B: Backend> {
     /// The token table left in its checkpoint file ([`crate::TokenTable::InFile`]).
     #[module(skip)]
     pub token_rows: Option<Arc<FileRows>>,
+    /// The encoder layers (`encoder.block.N`).
     pub blocks: Vec<Umt5Block<B>>,
+    /// The final RMS norm (`encoder.final_layer_norm`).
     pub norm: T5LayerNorm<B>,
     #[module(skip)]
+    /// The shape this encoder was built with.
     pub config: Umt5Config,
 }
 
@@ -223,12 +230,9 @@ impl<B: Backend> Umt5Encoder<B> {
             let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.to_vec(), [batch, l]), device);
             return Ok(table.forward(ids));
         }
-        let rows = self
-            .token_rows
-            .as_ref()
-            .ok_or_else(|| TextError::Weights("the UMT5 encoder has no token table".into()))?;
+        let rows = self.token_rows.as_ref().ok_or(TextError::NoTokenTable)?;
         let ids: Vec<usize> = ids.iter().map(|&i| i as usize).collect();
-        let x = rows.gather(&ids).map_err(|e| TextError::Weights(e.to_string()))?;
+        let x = rows.gather(&ids)?;
         Ok(Tensor::from_data(
             TensorData::new(x, [batch, l, self.config.d_model]),
             device,

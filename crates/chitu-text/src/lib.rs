@@ -16,6 +16,8 @@
 //! # Ok(()) }
 //! ```
 
+#![warn(missing_docs)]
+
 mod config;
 mod encoder;
 mod load;
@@ -29,18 +31,19 @@ pub use tokenizer::{clean_prompt, Encoded, T5Tokenizer};
 /// Errors from the tokenizer or the encoder.
 #[derive(Debug, thiserror::Error)]
 pub enum TextError {
-    /// A file could not be read.
-    #[error("cannot read {0}: {1}")]
-    Io(String, #[source] std::io::Error),
     /// The tokenizer file is missing or malformed, or tokenizing failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     /// The encoder config is malformed or unsupported.
     #[error("invalid text encoder config: {0}")]
     Config(String),
-    /// The weights do not match the model.
-    #[error("{0}")]
-    Weights(String),
+    /// A config or weight file could not be read, or the checkpoint does not fit the model
+    /// (missing or unexpected keys, a wrong shape): the store's error, with the file and keys.
+    #[error(transparent)]
+    Load(#[from] chitu_store::LoadError),
+    /// The encoder was built without a token table and none was loaded.
+    #[error("the UMT5 encoder has no token table")]
+    NoTokenTable,
     /// An input is out of range.
     #[error("bad text encoder input: {0}")]
     Input(String),

@@ -3,7 +3,7 @@
 use crate::{Encoded, T5Tokenizer, TextError, Umt5Config, Umt5Encoder};
 use burn::nn::EmbeddingConfig;
 use burn::tensor::{backend::Backend, Tensor, TensorData};
-use chitu_store::{load_strict_leaving, read_json, weight_files, FileRows, LoadError};
+use chitu_store::{load_strict_leaving, read_json, weight_files, FileRows};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -85,11 +85,10 @@ impl<B: Backend> Umt5Encoder<B> {
         layout: TextLayout,
         table: TokenTable,
     ) -> Result<Self, TextError> {
-        let weights = |e: LoadError| TextError::Weights(e.to_string());
         let label = format!("{layout:?} UMT5");
         let (vocab, d) = (self.config.vocab_size, self.config.d_model);
         let rows = match table {
-            TokenTable::InFile => FileRows::find(files, layout.remap_table(), TABLE).map_err(weights)?,
+            TokenTable::InFile => FileRows::find(files, layout.remap_table(), TABLE)?,
             TokenTable::OnDevice => None,
         }
         // A table of the wrong shape goes to the strict loader, which reports it with the rest.
@@ -101,7 +100,7 @@ impl<B: Backend> Umt5Encoder<B> {
             self.token_embedding = Some(EmbeddingConfig::new(vocab, d).init(&device));
         }
         let left: &[&str] = if rows.is_some() { &[TABLE] } else { &[] };
-        let (mut encoder, _) = load_strict_leaving(self, files, layout.remap_table(), &label, left).map_err(weights)?;
+        let (mut encoder, _) = load_strict_leaving(self, files, layout.remap_table(), &label, left)?;
         encoder.token_rows = rows.map(Arc::new);
         Ok(encoder)
     }
@@ -111,19 +110,18 @@ impl<B: Backend> Umt5Encoder<B> {
     pub fn from_dir(dir: impl AsRef<Path>, device: &B::Device) -> Result<Self, TextError> {
         let dir = dir.as_ref();
         let path = dir.join("config.json");
-        let json = read_json(&path).map_err(|e| match e {
-            LoadError::Io(p, e) => TextError::Io(p, e),
-            other => TextError::Config(other.to_string()),
-        })?;
+        let json = read_json(&path)?;
         let config = Umt5Config::from_json(&json).map_err(|e| TextError::Config(format!("{}: {e}", path.display())))?;
-        let files = weight_files(dir, "model").map_err(|e| TextError::Weights(e.to_string()))?;
+        let files = weight_files(dir, "model")?;
         Self::new(config, device)?.load_weights(&files, TextLayout::Transformers)
     }
 }
 
 /// Tokenizer plus encoder: everything between a prompt and the DiT's text states.
 pub struct TextEncoder<B: Backend> {
+    /// The T5 tokenizer.
     pub tokenizer: T5Tokenizer,
+    /// The UMT5 encoder.
     pub encoder: Umt5Encoder<B>,
     device: B::Device,
 }

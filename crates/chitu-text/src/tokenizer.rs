@@ -17,9 +17,13 @@ pub fn clean_prompt(text: &str) -> String {
 /// Token ids and attention mask of a batch, each `[B, max_len]` row-major.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Encoded {
+    /// Token ids, `batch * max_len`, padded with the pad id.
     pub ids: Vec<i64>,
+    /// 1 for real tokens, 0 for padding.
     pub mask: Vec<i64>,
+    /// Prompts in the batch.
     pub batch: usize,
+    /// Tokens per prompt.
     pub max_len: usize,
 }
 

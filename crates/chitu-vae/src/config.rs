@@ -7,30 +7,43 @@ use serde::Deserialize;
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct WanVaeConfig {
     #[serde(default = "d_base")]
+    /// Width of the first encoder stage (96 for Wan2.1).
     pub base_dim: usize,
     #[serde(default)]
+    /// Width of the decoder's first stage; `base_dim` when unset.
     pub decoder_base_dim: Option<usize>,
     #[serde(default = "d_z")]
+    /// Latent channels (16 for Wan2.1).
     pub z_dim: usize,
     #[serde(default = "d_mult")]
+    /// Width multiplier of each stage.
     pub dim_mult: Vec<usize>,
     #[serde(default = "d_res")]
+    /// Residual blocks per stage.
     pub num_res_blocks: usize,
     #[serde(default)]
+    /// Scales with attention (none in Wan).
     pub attn_scales: Vec<f64>,
     #[serde(default = "d_temporal")]
+    /// Whether each downsampling also halves time (diffusers' spelling).
     pub temperal_downsample: Vec<bool>,
     #[serde(default = "d_mean")]
+    /// Per-channel latent mean the DiT's latents are normalised by.
     pub latents_mean: Vec<f64>,
     #[serde(default = "d_std")]
+    /// Per-channel latent standard deviation.
     pub latents_std: Vec<f64>,
     #[serde(default)]
+    /// The Wan2.2 residual blocks (not supported yet).
     pub is_residual: bool,
     #[serde(default = "d_rgb")]
+    /// Pixel channels in (3).
     pub in_channels: usize,
     #[serde(default = "d_rgb")]
+    /// Pixel channels out (3).
     pub out_channels: usize,
     #[serde(default)]
+    /// Spatial patchify of the Wan2.2 VAE (not supported yet).
     pub patch_size: Option<usize>,
 }
 

@@ -14,7 +14,7 @@ use crate::scratch::{self, par_zeroed, par_zeroed_in};
 use burn::tensor::module::{conv2d, conv3d};
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
-use chitu_store::HostF32;
+use chitu_host::HostF32;
 use rayon::prelude::*;
 
 /// Output columns (pixels of the padded grid) per tile: enough for the GEMM to run at full
@@ -29,7 +29,7 @@ pub(crate) fn on_host<B: Backend, const D: usize, const E: usize>(x: &Tensor<B, 
     if tests::GENERIC_ONLY.with(|g| g.get()) {
         return false;
     }
-    chitu_store::is_host_f32(x) && weight.dtype() == DType::F32
+    chitu_host::is_host_f32(x) && weight.dtype() == DType::F32
 }
 
 /// What the host path applies to `x` while it writes the padded conv input.

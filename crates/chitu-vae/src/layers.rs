@@ -31,6 +31,7 @@ pub struct FeatCache<B: Backend> {
 }
 
 impl<B: Backend> FeatCache<B> {
+    /// An empty cache.
     pub fn new() -> Self {
         Self {
             slots: Vec::new(),
@@ -75,9 +76,13 @@ fn last_frames<B: Backend>(x: &Tensor<B, 5>, n: usize) -> Tensor<B, 5> {
 pub struct CausalConv3d<B: Backend> {
     /// `[out, in, kt, kh, kw]`.
     pub weight: Param<Tensor<B, 5>>,
+    /// Bias `[out]`.
     pub bias: Param<Tensor<B, 1>>,
+    /// Spatial stride.
     pub stride: usize,
+    /// Causal padding in time (all before the first frame).
     pub pad_t: usize,
+    /// Spatial padding on each side.
     pub pad_s: usize,
 }
 
@@ -203,10 +208,12 @@ impl<B: Backend> CausalConv3d<B> {
 /// `D` is the rank of gamma as stored: 4 (`[C,1,1,1]`, video) or 3 (`[C,1,1]`, images).
 #[derive(Module, Debug)]
 pub struct RmsNorm<B: Backend, const D: usize> {
+    /// Per-channel scale (`gamma`).
     pub gamma: Param<Tensor<B, D>>,
 }
 
 impl<B: Backend, const D: usize> RmsNorm<B, D> {
+    /// A layer for `dim` channels with random weights (loading replaces them).
     pub fn new(dim: usize, device: &B::Device) -> Self {
         let mut shape = [1usize; D];
         shape[0] = dim;
@@ -238,14 +245,20 @@ impl<B: Backend, const D: usize> RmsNorm<B, D> {
 /// Residual block: RMS norm, SiLU, causal conv, twice, plus a 1x1x1 shortcut when widths differ.
 #[derive(Module, Debug)]
 pub struct ResidualBlock<B: Backend> {
+    /// Norm before the first conv.
     pub norm1: RmsNorm<B, 4>,
+    /// First 3x3x3 conv.
     pub conv1: CausalConv3d<B>,
+    /// Norm before the second conv.
     pub norm2: RmsNorm<B, 4>,
+    /// Second 3x3x3 conv.
     pub conv2: CausalConv3d<B>,
+    /// 1x1x1 conv on the skip path when the width changes.
     pub conv_shortcut: Option<CausalConv3d<B>>,
 }
 
 impl<B: Backend> ResidualBlock<B> {
+    /// A block from `c_in` to `c_out` channels with random weights.
     pub fn new(c_in: usize, c_out: usize, device: &B::Device) -> Self {
         Self {
             norm1: RmsNorm::new(c_in, device),
@@ -256,6 +269,7 @@ impl<B: Backend> ResidualBlock<B> {
         }
     }
 
+    /// Runs the layer on one chunk, reading and updating the causal frame cache.
     pub fn forward(&self, x: Tensor<B, 5>, cache: &mut FeatCache<B>) -> Tensor<B, 5> {
         let h = match &self.conv_shortcut {
             Some(c) => c.forward(x.clone(), None),
@@ -270,7 +284,9 @@ impl<B: Backend> ResidualBlock<B> {
 /// A 1x1 Conv2d (`[out, in, 1, 1]`), applied as a matmul over channels.
 #[derive(Module, Debug)]
 pub struct PointConv<B: Backend> {
+    /// Weight `[out, in, 1, 1]`.
     pub weight: Param<Tensor<B, 4>>,
+    /// Bias `[out]`.
     pub bias: Param<Tensor<B, 1>>,
 }
 
@@ -298,12 +314,16 @@ impl<B: Backend> PointConv<B> {
 /// Single-head self-attention over the pixels of each frame.
 #[derive(Module, Debug)]
 pub struct AttentionBlock<B: Backend> {
+    /// Norm before the projections.
     pub norm: RmsNorm<B, 3>,
+    /// The joint query/key/value projection.
     pub to_qkv: PointConv<B>,
+    /// The output projection.
     pub proj: PointConv<B>,
 }
 
 impl<B: Backend> AttentionBlock<B> {
+    /// A layer for `dim` channels with random weights (loading replaces them).
     pub fn new(dim: usize, device: &B::Device) -> Self {
         Self {
             norm: RmsNorm::new(dim, device),
@@ -312,6 +332,7 @@ impl<B: Backend> AttentionBlock<B> {
         }
     }
 
+    /// Attends over each frame's pixels, `[B, C, T, H, W]` in and out.
     pub fn forward(&self, x: Tensor<B, 5>) -> Tensor<B, 5> {
         let [b, c, t, h, w] = x.dims();
         let frames: Tensor<B, 4> = x.clone().swap_dims(1, 2).reshape([b * t, c, h, w]);
@@ -328,7 +349,9 @@ impl<B: Backend> AttentionBlock<B> {
 /// A 3x3 Conv2d applied to every frame.
 #[derive(Module, Debug)]
 pub struct FrameConv<B: Backend> {
+    /// Weight `[out, in, 1, 1]`.
     pub weight: Param<Tensor<B, 4>>,
+    /// Bias `[out]`.
     pub bias: Param<Tensor<B, 1>>,
 }
 
@@ -349,9 +372,13 @@ impl<B: Backend> FrameConv<B> {
 /// How a [`Resample`] changes the resolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResampleMode {
+    /// 2x spatial up-sampling.
     Upsample2d,
+    /// 2x spatial and 2x temporal up-sampling.
     Upsample3d,
+    /// 2x spatial down-sampling.
     Downsample2d,
+    /// 2x spatial and 2x temporal down-sampling.
     Downsample3d,
 }
 
@@ -360,12 +387,14 @@ pub enum ResampleMode {
 pub struct Resample<B: Backend> {
     /// The per-frame conv (`resample.1` in diffusers' keys).
     pub resample: FrameConv<B>,
+    /// The temporal conv of the 3D modes.
     pub time_conv: Option<CausalConv3d<B>>,
     /// 0 up2d, 1 up3d, 2 down2d, 3 down3d.
     pub mode: usize,
 }
 
 impl<B: Backend> Resample<B> {
+    /// A layer for `dim` channels in `mode`, with random weights.
     pub fn new(dim: usize, mode: ResampleMode, device: &B::Device) -> Self {
         let (conv, time_conv, code) = match mode {
             ResampleMode::Upsample2d => (FrameConv::new(dim, dim / 2, device), None, 0),
@@ -388,6 +417,7 @@ impl<B: Backend> Resample<B> {
         }
     }
 
+    /// Runs the layer on one chunk, reading and updating the causal frame cache.
     pub fn forward(&self, x: Tensor<B, 5>, cache: &mut FeatCache<B>) -> Tensor<B, 5> {
         let mut x = x;
         if self.mode == 1 {
@@ -473,11 +503,14 @@ impl<B: Backend> Resample<B> {
 /// diffusers' `WanMidBlock`: residual, attention, residual.
 #[derive(Module, Debug)]
 pub struct MidBlock<B: Backend> {
+    /// The attention between the two residual blocks.
     pub attentions: Vec<AttentionBlock<B>>,
+    /// The two residual blocks.
     pub resnets: Vec<ResidualBlock<B>>,
 }
 
 impl<B: Backend> MidBlock<B> {
+    /// A layer for `dim` channels with random weights (loading replaces them).
     pub fn new(dim: usize, device: &B::Device) -> Self {
         Self {
             attentions: vec![AttentionBlock::new(dim, device)],
@@ -488,6 +521,7 @@ impl<B: Backend> MidBlock<B> {
         }
     }
 
+    /// Runs the layer on one chunk, reading and updating the causal frame cache.
     pub fn forward(&self, x: Tensor<B, 5>, cache: &mut FeatCache<B>) -> Tensor<B, 5> {
         let mut x = self.resnets[0].forward(x, cache);
         for (attn, res) in self.attentions.iter().zip(&self.resnets[1..]) {

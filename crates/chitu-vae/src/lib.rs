@@ -13,6 +13,8 @@
 //! # Ok(()) }
 //! ```
 
+#![warn(missing_docs)]
+
 mod config;
 mod conv;
 pub mod layers;
@@ -29,15 +31,13 @@ pub use tiling::TileConfig;
 /// Errors from building, loading or running the VAE.
 #[derive(Debug, thiserror::Error)]
 pub enum VaeError {
-    /// A file could not be read.
-    #[error("cannot read {0}: {1}")]
-    Io(String, #[source] std::io::Error),
     /// The config is malformed or unsupported.
     #[error("invalid VAE config: {0}")]
     Config(String),
-    /// The weights do not match the model.
-    #[error("{0}")]
-    Weights(String),
+    /// A config or weight file could not be read, or the checkpoint does not fit the model
+    /// (missing or unexpected keys, a wrong shape): the store's error, with the file and keys.
+    #[error(transparent)]
+    Load(#[from] chitu_store::LoadError),
     /// An input has the wrong shape.
     #[error("bad VAE input: {0}")]
     Shape(String),

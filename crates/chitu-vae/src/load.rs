@@ -2,7 +2,7 @@
 
 use crate::{VaeError, WanVae, WanVaeConfig};
 use burn::tensor::backend::Backend;
-use chitu_store::{load_strict, read_json, weight_files, LoadError};
+use chitu_store::{load_strict, read_json, weight_files};
 use std::path::{Path, PathBuf};
 
 /// Which naming scheme a VAE checkpoint uses.
@@ -84,20 +84,17 @@ impl<B: Backend> WanVae<B> {
         let table = layout.remap_table(&self.config);
         load_strict(self, files, &table, &format!("{layout:?} VAE"))
             .map(|(m, _)| m)
-            .map_err(|e| VaeError::Weights(e.to_string()))
+            .map_err(VaeError::from)
     }
 
     /// Loads a diffusers `vae/` folder: `config.json` and `diffusion_pytorch_model.safetensors`.
     pub fn from_dir(dir: impl AsRef<Path>, device: &B::Device) -> Result<Self, VaeError> {
         let dir = dir.as_ref();
         let path = dir.join("config.json");
-        let json = read_json(&path).map_err(|e| match e {
-            LoadError::Io(p, e) => VaeError::Io(p, e),
-            other => VaeError::Config(other.to_string()),
-        })?;
+        let json = read_json(&path)?;
         let config =
             WanVaeConfig::from_json(&json).map_err(|e| VaeError::Config(format!("{}: {e}", path.display())))?;
-        let files = weight_files(dir, "diffusion_pytorch_model").map_err(|e| VaeError::Weights(e.to_string()))?;
+        let files = weight_files(dir, "diffusion_pytorch_model")?;
         Self::new(config, device)?.load_weights(&files, VaeLayout::Diffusers)
     }
 

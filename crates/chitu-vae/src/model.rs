@@ -13,18 +13,26 @@ use burn::tensor::{backend::Backend, Tensor};
 #[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum DownLayer<B: Backend> {
+    /// A residual block.
     Residual(ResidualBlock<B>),
+    /// A spatial self-attention block.
     Attention(AttentionBlock<B>),
+    /// A down-sampling layer.
     Resample(Resample<B>),
 }
 
 /// The 3D encoder (diffusers' `WanEncoder3d`).
 #[derive(Module, Debug)]
 pub struct Encoder<B: Backend> {
+    /// The input conv (`conv_in`).
     pub conv_in: CausalConv3d<B>,
+    /// The down path, flattened as diffusers stores it (`down_blocks.N`).
     pub down_blocks: Vec<DownLayer<B>>,
+    /// The middle block (`mid_block`).
     pub mid_block: MidBlock<B>,
+    /// The output norm (`norm_out`).
     pub norm_out: RmsNorm<B, 4>,
+    /// The output conv (`conv_out`).
     pub conv_out: CausalConv3d<B>,
 }
 
@@ -84,17 +92,24 @@ impl<B: Backend> Encoder<B> {
 /// An up block of the decoder (diffusers' `WanUpBlock`).
 #[derive(Module, Debug)]
 pub struct UpBlock<B: Backend> {
+    /// The block's residual blocks (`resnets.N`).
     pub resnets: Vec<ResidualBlock<B>>,
+    /// The up-sampling layer, on every block but the last (`upsamplers.0`).
     pub upsamplers: Option<Vec<Resample<B>>>,
 }
 
 /// The 3D decoder (diffusers' `WanDecoder3d`).
 #[derive(Module, Debug)]
 pub struct Decoder<B: Backend> {
+    /// The input conv (`conv_in`).
     pub conv_in: CausalConv3d<B>,
+    /// The middle block (`mid_block`).
     pub mid_block: MidBlock<B>,
+    /// The up path (`up_blocks.N`).
     pub up_blocks: Vec<UpBlock<B>>,
+    /// The output norm (`norm_out`).
     pub norm_out: RmsNorm<B, 4>,
+    /// The output conv (`conv_out`).
     pub conv_out: CausalConv3d<B>,
 }
 
@@ -154,18 +169,25 @@ impl<B: Backend> Decoder<B> {
 /// The posterior of an encode: per-latent Gaussian with `logvar` clamped to [-30, 20].
 #[derive(Debug, Clone)]
 pub struct Posterior<B: Backend> {
+    /// Mean of the latent distribution.
     pub mean: Tensor<B, 5>,
+    /// Log-variance of the latent distribution.
     pub logvar: Tensor<B, 5>,
 }
 
 /// diffusers' `AutoencoderKLWan` (Wan2.1 VAE).
 #[derive(Module, Debug)]
 pub struct WanVae<B: Backend> {
+    /// The encoder (`encoder`).
     pub encoder: Encoder<B>,
+    /// The 1x1x1 conv after the encoder (`quant_conv`).
     pub quant_conv: CausalConv3d<B>,
+    /// The 1x1x1 conv before the decoder (`post_quant_conv`).
     pub post_quant_conv: CausalConv3d<B>,
+    /// The decoder (`decoder`).
     pub decoder: Decoder<B>,
     #[module(skip)]
+    /// The shape this VAE was built with.
     pub config: WanVaeConfig,
 }
 

@@ -9,9 +9,13 @@ use burn::tensor::{backend::Backend, Tensor, TensorData};
 /// Tile geometry in output pixels (diffusers' `tile_sample_*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TileConfig {
+    /// Pixel height above which a decode is tiled.
     pub min_height: usize,
+    /// Pixel width above which a decode is tiled.
     pub min_width: usize,
+    /// Vertical pixel stride between tiles (tiles overlap by the difference).
     pub stride_height: usize,
+    /// Horizontal pixel stride between tiles.
     pub stride_width: usize,
 }
 

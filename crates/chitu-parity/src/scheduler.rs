@@ -6,8 +6,11 @@ use burn::tensor::backend::Backend;
 
 /// The outputs of a scheduler run, in the order the case stores them.
 pub struct SchedulerRun {
+    /// The schedule's timesteps.
     pub timesteps: Vec<f64>,
+    /// The schedule's sigmas.
     pub sigmas: Vec<f64>,
+    /// The sample after every step.
     pub trajectory: HostTensor,
 }
 
@@ -19,10 +22,10 @@ pub fn replay<B: Backend>(case: &Case, device: &B::Device) -> Result<SchedulerRu
         .as_u64()
         .ok_or_else(|| ParityError::Case(format!("case {}: num_inference_steps is not an integer", case.name)))?
         as usize;
-    let mut sched = chitu_sched::from_config_json::<B, 5>(config).map_err(|e| ParityError::Component(e.to_string()))?;
+    let mut sched = chitu_sched::from_config_json::<B, 5>(config).map_err(|e| ParityError::Component(e.into()))?;
     sched
         .set_timesteps(steps)
-        .map_err(|e| ParityError::Component(e.to_string()))?;
+        .map_err(|e| ParityError::Component(e.into()))?;
 
     let initial = case.tensor("initial")?;
     let outputs = case.tensor("model_outputs")?;
@@ -43,7 +46,7 @@ pub fn replay<B: Backend>(case: &Case, device: &B::Device) -> Result<SchedulerRu
         let model_output = chunk.to_backend::<B, 5>("model_outputs", device)?;
         sample = sched
             .step(model_output, t, sample)
-            .map_err(|e| ParityError::Component(e.to_string()))?;
+            .map_err(|e| ParityError::Component(e.into()))?;
         let host = HostTensor::from_backend(sample.clone())?;
         trajectory.extend_from_slice(host.as_f32("trajectory")?);
     }
@@ -56,6 +59,7 @@ pub fn replay<B: Backend>(case: &Case, device: &B::Device) -> Result<SchedulerRu
     })
 }
 
+/// Runs a `scheduler` case; returns the worst rel_l2 over its outputs.
 pub fn run<B: Backend>(case: &Case, device: &B::Device) -> Result<f64, ParityError> {
     let run = replay::<B>(case, device)?;
     let as_host = |v: &[f64]| HostTensor::f32(vec![v.len()], v.iter().map(|&x| x as f32).collect());

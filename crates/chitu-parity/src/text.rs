@@ -19,14 +19,14 @@ pub fn encode<B: Backend>(case: &Case, device: &B::Device) -> Result<Vec<(&'stat
         .ok_or_else(|| ParityError::Case(format!("case {}: max_sequence_length is not an integer", case.name)))?
         as usize;
     let text = TextEncoder::<B>::from_pipeline_dir(case.root.join(model), device)
-        .map_err(|e| ParityError::Component(e.to_string()))?;
+        .map_err(|e| ParityError::Component(e.into()))?;
     let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
     let (enc, hidden) = text
         .encode(&refs, max_len)
-        .map_err(|e| ParityError::Component(e.to_string()))?;
+        .map_err(|e| ParityError::Component(e.into()))?;
     let embeds = text
         .encode_prompt(&refs, max_len)
-        .map_err(|e| ParityError::Component(e.to_string()))?;
+        .map_err(|e| ParityError::Component(e.into()))?;
     let ints = |v: Vec<i64>| HostTensor {
         shape: vec![enc.batch, enc.max_len],
         values: Values::I64(v),
@@ -39,6 +39,7 @@ pub fn encode<B: Backend>(case: &Case, device: &B::Device) -> Result<Vec<(&'stat
     ])
 }
 
+/// Runs a `text_encode` case; returns the worst rel_l2 over its outputs.
 pub fn run<B: Backend>(case: &Case, device: &B::Device) -> Result<f64, ParityError> {
     let outputs = encode::<B>(case, device)?;
     case.compare_outputs(&outputs)

@@ -18,7 +18,9 @@ pub enum Values {
 /// One stored tensor: shape plus values, row-major.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostTensor {
+    /// The tensor's shape.
     pub shape: Vec<usize>,
+    /// Its elements, in the file's dtype.
     pub values: Values,
 }
 

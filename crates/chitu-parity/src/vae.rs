@@ -10,7 +10,7 @@ fn load<B: Backend>(case: &Case, device: &B::Device) -> Result<WanVae<B>, Parity
         .field("model")?
         .as_str()
         .ok_or_else(|| ParityError::Case(format!("case {}: model is not a string", case.name)))?;
-    WanVae::<B>::from_dir(case.root.join(model), device).map_err(|e| ParityError::Component(e.to_string()))
+    WanVae::<B>::from_dir(case.root.join(model), device).map_err(|e| ParityError::Component(e.into()))
 }
 
 fn usize_field(case: &Case, key: &str) -> Result<usize, ParityError> {
@@ -21,7 +21,7 @@ fn usize_field(case: &Case, key: &str) -> Result<usize, ParityError> {
 }
 
 fn component<T>(r: Result<T, chitu_vae::VaeError>) -> Result<T, ParityError> {
-    r.map_err(|e| ParityError::Component(e.to_string()))
+    r.map_err(|e| ParityError::Component(e.into()))
 }
 
 /// The outputs of a VAE case of any of the three kinds.
@@ -59,6 +59,7 @@ pub fn outputs<B: Backend>(case: &Case, device: &B::Device) -> Result<Vec<(&'sta
     })
 }
 
+/// Runs a VAE case (`vae_decode`, `vae_encode`, `vae_decode_tiled`); returns the worst rel_l2.
 pub fn run<B: Backend>(case: &Case, device: &B::Device) -> Result<f64, ParityError> {
     let outs = outputs::<B>(case, device)?;
     case.compare_outputs(&outs)

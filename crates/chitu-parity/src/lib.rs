@@ -3,6 +3,11 @@
 //! A parity folder holds `cases/NAME.json` (what to run, the tolerance, non-tensor inputs) and
 //! `cases/NAME.safetensors` (tensor inputs and reference outputs), plus the models under
 //! `models/`. Each case is run from what its JSON says alone, so any folder with this layout works.
+//!
+//! This is a dev-only crate (`publish = false`): the facade's `parity` and `dist_check` examples
+//! and the tests use it, and the model crates run their own kinds with it in their tests.
+
+#![warn(missing_docs)]
 
 pub mod dit;
 pub mod pipeline;
@@ -29,7 +34,7 @@ pub enum ParityError {
     Case(String),
     /// The component under test returned an error.
     #[error("{0}")]
-    Component(String),
+    Component(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// One loaded case: its JSON and its tensors.
@@ -112,7 +117,12 @@ impl Case {
 #[derive(Debug, Clone)]
 pub enum Outcome {
     /// The case ran; `rel_l2` is the worst over its outputs.
-    Ran { rel_l2: f64, tol: f64 },
+    Ran {
+        /// The worst relative L2 error.
+        rel_l2: f64,
+        /// The case's tolerance.
+        tol: f64,
+    },
     /// No implementation exists yet for the case's kind.
     Unsupported(String),
     /// The case could not be loaded or the component failed.
@@ -122,7 +132,9 @@ pub enum Outcome {
 /// One line of the report.
 #[derive(Debug, Clone)]
 pub struct CaseReport {
+    /// The case.
     pub name: String,
+    /// How it went.
     pub outcome: Outcome,
 }
 

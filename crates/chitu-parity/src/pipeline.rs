@@ -49,8 +49,8 @@ pub fn outputs<B: Backend>(case: &Case, device: &B::Device) -> Result<Vec<(&'sta
         .field("model")?
         .as_str()
         .ok_or_else(|| ParityError::Case(format!("case {}: model is not a string", case.name)))?;
-    let backend = DiffusionBackend::<B>::from_dir(case.root.join(model), device)
-        .map_err(|e| ParityError::Component(e.to_string()))?;
+    let backend =
+        DiffusionBackend::<B>::from_dir(case.root.join(model), device).map_err(|e| ParityError::Component(e.into()))?;
     let generator = Generator::new(backend);
     let params = params(case)?;
     // Decode only when the case has reference frames.
@@ -74,37 +74,33 @@ fn run_pipeline<B: Backend>(
     want_frames: bool,
     device: &B::Device,
 ) -> Result<(HostTensor, Option<HostTensor>), ParityError> {
-    let component = |e: chitu_gen::GenError| ParityError::Component(e.to_string());
+    let component = |e: chitu_gen::GenError| ParityError::Component(e.into());
     let initial = case
         .tensor("initial_latents")?
         .to_backend::<B, 5>("initial_latents", device)?;
     let mut task = DiffusionTask::from_user_request(params)
         .map_err(component)?
         .with_initial_latents(initial);
-    while task.stage != chitu_gen::Stage::VaeDecode {
+    while task.stage() != chitu_gen::Stage::VaeDecode {
         generator.generate_step(&mut task).map_err(component)?;
     }
     if let Some(stats) = task.cache_stats() {
         tracing::info!(case = %case.name, ?stats, "cache");
     }
     let latents = task
-        .buffer
-        .latents
-        .clone()
-        .ok_or_else(|| ParityError::Component("no latents".into()))?;
+        .latents()
+        .cloned()
+        .ok_or(ParityError::Component("no latents".into()))?;
     let latents = HostTensor::from_backend(latents)?;
     if !want_frames {
         return Ok((latents, None));
     }
     generator.generate_step(&mut task).map_err(component)?;
-    let video = task
-        .buffer
-        .video
-        .clone()
-        .ok_or_else(|| ParityError::Component("no video".into()))?;
+    let video = task.into_video().map_err(component)?;
     Ok((latents, Some(HostTensor::from_backend(video_to_frames(video))?)))
 }
 
+/// Runs a `pipeline` case; returns the worst rel_l2 over its outputs.
 pub fn run<B: Backend>(case: &Case, device: &B::Device) -> Result<f64, ParityError> {
     let outs = outputs::<B>(case, device)?;
     case.compare_outputs(&outs)

@@ -1,0 +1,232 @@
+//! A generated video: its 8-bit frames and the record of how it was made, with the writers for
+//! MP4, PNG and the JSON sidecar (the encoders need the default `video` feature).
+
+use crate::{DiffusionTask, DiffusionUserParams, GenError, StageTimings};
+use burn::tensor::{backend::Backend, Tensor};
+use std::path::{Path, PathBuf};
+
+/// Frames per second of written videos (Wan's rate).
+pub const FPS: u32 = 16;
+
+/// Why frames could not be taken or written.
+#[derive(Debug, thiserror::Error)]
+pub enum VideoError {
+    /// The frames tensor is not `[1, F, H, W, 3]`.
+    #[error("expected frames [1, F, H, W, 3], got {0:?}")]
+    Shape(Vec<usize>),
+    /// The backend could not hand over the frames' data.
+    #[error("reading frames: {0}")]
+    Read(String),
+    /// A file could not be created or written.
+    #[error("writing {}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An encoder refused the frames or failed.
+    #[error("writing {}: {message}", path.display())]
+    Encode {
+        /// The file.
+        path: PathBuf,
+        /// What the encoder said.
+        message: String,
+    },
+}
+
+impl VideoError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// A finished generation: the frames, and the request, timings and model that made them.
+#[derive(Debug, Clone)]
+pub struct Video {
+    frames: RgbFrames,
+    params: DiffusionUserParams,
+    timings: StageTimings,
+    model: String,
+}
+
+impl Video {
+    /// The video of a finished task, made by `model`.
+    pub fn from_task<B: Backend>(task: DiffusionTask<B>, model: &str) -> Result<Self, GenError> {
+        let (params, timings) = (task.params().clone(), task.timings());
+        let frames = RgbFrames::from_tensor(crate::video_to_frames(task.into_video()?))?;
+        Ok(Self {
+            frames,
+            params,
+            timings,
+            model: model.to_string(),
+        })
+    }
+
+    /// The 8-bit RGB frames.
+    pub fn frames(&self) -> &RgbFrames {
+        &self.frames
+    }
+
+    /// The request that made the video.
+    pub fn params(&self) -> &DiffusionUserParams {
+        &self.params
+    }
+
+    /// Seconds per stage.
+    pub fn timings(&self) -> StageTimings {
+        self.timings
+    }
+
+    /// Chitu's file stem for this video (see [`output_stem`]).
+    pub fn stem(&self) -> String {
+        output_stem(&self.params.prompt, self.params.seed, self.params.num_inference_steps)
+    }
+
+    /// The JSON sidecar: the request, per-stage timings, peak memory and `files` written.
+    pub fn metadata(&self, files: &[PathBuf]) -> serde_json::Value {
+        sidecar(&self.params, &self.timings, &self.model, files)
+    }
+
+    /// Writes `metadata` (from [`Video::metadata`], perhaps extended) as pretty JSON.
+    pub fn save_metadata(path: impl AsRef<Path>, metadata: &serde_json::Value) -> Result<(), VideoError> {
+        let path = path.as_ref();
+        let text = serde_json::to_string_pretty(metadata).unwrap_or_else(|_| unreachable!("a JSON value prints"));
+        std::fs::write(path, text).map_err(|e| VideoError::io(path, e))
+    }
+
+    /// Writes the video as H.264 in an MP4 at [`FPS`].
+    #[cfg(feature = "video")]
+    pub fn save_mp4(&self, path: impl AsRef<Path>) -> Result<(), VideoError> {
+        crate::encode::write_mp4(path.as_ref(), &self.frames)
+    }
+
+    /// Writes all frames side by side in a grid (about square) as one PNG.
+    #[cfg(feature = "video")]
+    pub fn save_png_sheet(&self, path: impl AsRef<Path>) -> Result<(), VideoError> {
+        crate::encode::write_contact_sheet(path.as_ref(), &self.frames)
+    }
+
+    /// Writes every frame as `{stem}_{index:04}.png` in `dir`; returns the paths.
+    #[cfg(feature = "video")]
+    pub fn save_png_frames(&self, dir: impl AsRef<Path>, stem: &str) -> Result<Vec<PathBuf>, VideoError> {
+        crate::encode::write_frame_pngs(dir.as_ref(), stem, &self.frames)
+    }
+}
+
+/// 8-bit RGB frames, row-major `[H, W, 3]` each.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RgbFrames {
+    /// Frame width in pixels.
+    pub width: usize,
+    /// Frame height in pixels.
+    pub height: usize,
+    /// One `[H, W, 3]` buffer per frame.
+    pub frames: Vec<Vec<u8>>,
+}
+
+impl RgbFrames {
+    /// Converts frames `[1, F, H, W, 3]` in [0, 1] (see `video_to_frames`) to 8-bit RGB.
+    pub fn from_tensor<B: Backend>(frames: Tensor<B, 5>) -> Result<Self, VideoError> {
+        let [b, f, h, w, c] = frames.dims();
+        if b != 1 || c != 3 {
+            return Err(VideoError::Shape(frames.dims().to_vec()));
+        }
+        let data: Vec<f32> = frames
+            .into_data()
+            .convert::<f32>()
+            .into_vec()
+            .map_err(|e| VideoError::Read(format!("{e:?}")))?;
+        let per = h * w * 3;
+        let frames = (0..f)
+            .map(|i| {
+                data[i * per..(i + 1) * per]
+                    .iter()
+                    .map(|&v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
+                    .collect()
+            })
+            .collect();
+        Ok(Self {
+            width: w,
+            height: h,
+            frames,
+        })
+    }
+}
+
+/// Chitu's file stem: `{slug(prompt)[:64]}_seed{seed}_step{steps}`.
+pub fn output_stem(prompt: &str, seed: u64, steps: usize) -> String {
+    let mut slug = String::new();
+    for ch in prompt.chars() {
+        if ch.is_ascii_alphanumeric() {
+            slug.push(ch.to_ascii_lowercase());
+        } else if !slug.ends_with('_') && !slug.is_empty() {
+            slug.push('_');
+        }
+    }
+    let slug: String = slug.trim_end_matches('_').chars().take(64).collect();
+    let slug = if slug.is_empty() { "video".to_string() } else { slug };
+    format!("{slug}_seed{seed}_step{steps}")
+}
+
+/// Peak resident memory of this process in bytes (Linux `VmHWM`), if known.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+/// The JSON sidecar: request, per-stage timings, peak memory and the files written.
+fn sidecar(params: &DiffusionUserParams, timings: &StageTimings, model: &str, files: &[PathBuf]) -> serde_json::Value {
+    serde_json::json!({
+        "model": model,
+        "params": {
+            "prompt": params.prompt,
+            "negative_prompt": params.negative_prompt,
+            "seed": params.seed,
+            "height": params.height,
+            "width": params.width,
+            "num_frames": params.num_frames,
+            "num_inference_steps": params.num_inference_steps,
+            "guidance_scale": params.guidance_scale,
+            "guidance_scale_2": params.guidance_scale_2,
+            "solver": params.solver.map(|s| format!("{s:?}")),
+            "shift": params.shift,
+            "max_sequence_length": params.max_sequence_length,
+            "cache": params.cache,
+        },
+        "timings_s": {
+            "text_encode": timings.text_encode,
+            "denoise": timings.denoise,
+            "vae_decode": timings.vae_decode,
+        },
+        "peak_rss_bytes": peak_rss_bytes(),
+        "fps": FPS,
+        "files": files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stems_follow_chitu() {
+        assert_eq!(
+            output_stem("A cat, walking on grass!", 42, 50),
+            "a_cat_walking_on_grass_seed42_step50"
+        );
+        assert_eq!(output_stem("", 1, 2), "video_seed1_step2");
+        assert_eq!(output_stem(&"x".repeat(100), 0, 1).len(), 64 + "_seed0_step1".len());
+    }
+}

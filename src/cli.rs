@@ -1,0 +1,219 @@
+//! Command-line arguments shared by the `chitu` binary and the model examples, one clap `Args`
+//! per concern: the model, the request, the outputs. The CLI's own wording (hints such as "try
+//! `--low-mem`") lives here, not in the library's errors.
+
+use crate::pipeline::{DiffusionBackend, DiffusionUserParams, GenError, LoadOptions, Video};
+use burn::tensor::backend::Backend;
+use chitu_cache::CacheConfig;
+use chitu_sched::SolverKind;
+use std::path::PathBuf;
+
+/// Errors of turning arguments into a request, or of writing the outputs.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// `--solver` names no solver.
+    #[error("--solver: {0}")]
+    Solver(#[source] chitu_sched::SchedError),
+    /// `--cache` or `--cache-threshold` is invalid.
+    #[error("--cache: {0}")]
+    Cache(#[source] chitu_cache::CacheError),
+    /// The output folder could not be created.
+    #[error("cannot create the output folder {}: {source}", path.display())]
+    OutDir {
+        /// The folder.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Generation or writing failed.
+    #[error(transparent)]
+    Gen(#[from] GenError),
+}
+
+/// Which model to load, and how.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ModelArgs {
+    /// A diffusers-layout Wan2.1/2.2 folder or a Wan release folder; the embedded tiny model
+    /// when omitted.
+    #[arg(long)]
+    pub model_dir: Option<PathBuf>,
+    /// Memory saving level: 1 decodes the VAE in tiles; 2 also keeps the text encoder in host
+    /// memory except while it encodes; 3 also keeps only the active DiT on the device. Levels 2
+    /// and 3 park models as they load. They are for GPUs: on the CPU backend they save nothing.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=3))]
+    pub low_mem: u8,
+}
+
+impl ModelArgs {
+    /// The model's name in sidecars: its folder, or `embedded-tiny`.
+    pub fn name(&self) -> String {
+        match &self.model_dir {
+            Some(dir) => dir.display().to_string(),
+            None => "embedded-tiny".into(),
+        }
+    }
+
+    /// The load options these arguments ask for.
+    pub fn options(&self) -> LoadOptions {
+        LoadOptions { low_mem: self.low_mem }
+    }
+
+    /// Loads the model on `device`, with the defaults a request for it starts from (Wan's
+    /// for a folder, `default_params` decides; the embedded model's own small size otherwise).
+    pub fn load<B: Backend>(
+        &self,
+        device: &B::Device,
+        default_params: impl Fn(String) -> DiffusionUserParams,
+    ) -> Result<(DiffusionBackend<B>, DiffusionUserParams), GenError> {
+        match &self.model_dir {
+            Some(dir) => Ok((
+                DiffusionBackend::load(dir, device, self.options())?,
+                default_params(String::new()),
+            )),
+            None => Ok((
+                DiffusionBackend::embedded_tiny(device)?,
+                DiffusionUserParams::tiny(String::new()),
+            )),
+        }
+    }
+}
+
+/// What to generate: the request's fields, each left at the model's default when omitted.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RequestArgs {
+    /// What to generate.
+    #[arg(long)]
+    pub prompt: String,
+    /// The unconditional prompt.
+    #[arg(long, default_value = "")]
+    pub negative_prompt: String,
+    /// Denoise steps.
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Height in pixels, a multiple of 16.
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Width in pixels, a multiple of 16.
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Frame count, 4k+1.
+    #[arg(long)]
+    pub frames: Option<usize>,
+    /// Classifier-free guidance scale (of the high-noise expert on Wan2.2-A14B).
+    #[arg(long)]
+    pub guidance: Option<f64>,
+    /// Guidance of the low-noise expert (Wan2.2-A14B).
+    #[arg(long)]
+    pub guidance_2: Option<f64>,
+    /// Seed of the initial noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// unipc, dpm++ or euler; the folder's scheduler when omitted.
+    #[arg(long)]
+    pub solver: Option<String>,
+    /// Flow shift; the folder's when omitted.
+    #[arg(long)]
+    pub shift: Option<f64>,
+    /// Text tokens the prompt is padded or cut to.
+    #[arg(long)]
+    pub max_sequence_length: Option<usize>,
+    /// FlexCache policy: teacache, pab, first_block_cache or taylorseer, or a JSON object such
+    /// as '{"policy": "pab", "skip_self_range": 3}'.
+    #[arg(long)]
+    pub cache: Option<String>,
+    /// Threshold of teacache or first_block_cache.
+    #[arg(long, requires = "cache")]
+    pub cache_threshold: Option<f64>,
+}
+
+impl RequestArgs {
+    /// `base` (the model's defaults) with every given field set; `low_mem` comes from the model
+    /// arguments, so a request never runs below the level its backend was loaded at.
+    pub fn params(&self, base: DiffusionUserParams, low_mem: u8) -> Result<DiffusionUserParams, CliError> {
+        let cache = match &self.cache {
+            Some(spec) => {
+                let config = CacheConfig::parse(spec).map_err(CliError::Cache)?;
+                Some(match self.cache_threshold {
+                    Some(t) => config.with_threshold(t).map_err(CliError::Cache)?,
+                    None => config,
+                })
+            }
+            None => None,
+        };
+        let solver = self.solver.as_deref().map(str::parse::<SolverKind>).transpose();
+        Ok(DiffusionUserParams {
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            seed: self.seed,
+            height: self.height.unwrap_or(base.height),
+            width: self.width.unwrap_or(base.width),
+            num_frames: self.frames.unwrap_or(base.num_frames),
+            num_inference_steps: self.steps.unwrap_or(base.num_inference_steps),
+            guidance_scale: self.guidance.unwrap_or(base.guidance_scale),
+            guidance_scale_2: self.guidance_2.or(base.guidance_scale_2),
+            solver: solver.map_err(CliError::Solver)?,
+            shift: self.shift.or(base.shift),
+            max_sequence_length: self.max_sequence_length.unwrap_or(base.max_sequence_length),
+            low_mem,
+            cache,
+        })
+    }
+}
+
+/// Where the outputs go.
+#[derive(Debug, Clone, clap::Args)]
+pub struct OutputArgs {
+    /// Folder for the outputs.
+    #[arg(long, default_value = "out")]
+    pub out: PathBuf,
+    /// Also write one PNG per frame.
+    #[arg(long)]
+    pub png_frames: bool,
+}
+
+impl OutputArgs {
+    /// Writes the MP4 and the contact sheet (and the frames when asked) under `out`, named by
+    /// [`Video::stem`]; returns the paths. The caller writes the sidecar last.
+    pub fn write(&self, video: &Video) -> Result<Vec<PathBuf>, CliError> {
+        std::fs::create_dir_all(&self.out).map_err(|source| CliError::OutDir {
+            path: self.out.clone(),
+            source,
+        })?;
+        let stem = video.stem();
+        let mp4 = self.out.join(format!("{stem}.mp4"));
+        let sheet = self.out.join(format!("{stem}.png"));
+        video.save_mp4(&mp4).map_err(GenError::from)?;
+        video.save_png_sheet(&sheet).map_err(GenError::from)?;
+        let mut files = vec![mp4, sheet];
+        if self.png_frames {
+            files.extend(video.save_png_frames(&self.out, &stem).map_err(GenError::from)?);
+        }
+        Ok(files)
+    }
+}
+
+/// What the CLI suggests after an error, when it has a suggestion.
+pub fn hint(e: &GenError) -> Option<&'static str> {
+    match e {
+        GenError::OutOfMemory { .. } => Some(
+            "try --low-mem 1 (tiled VAE decode), 2 (text encoder off the device) or 3 (only the active DiT on the device), fewer frames or a smaller size",
+        ),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_of_memory_suggests_the_memory_levels() {
+        let e = GenError::OutOfMemory {
+            stage: "VAE decode".into(),
+            detail: "can't allocate buffer of size: 8".into(),
+        };
+        assert!(hint(&e).is_some_and(|h| h.contains("--low-mem")));
+        assert!(hint(&GenError::NonFinite("x".into())).is_none());
+    }
+}
