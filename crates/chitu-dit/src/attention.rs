@@ -18,6 +18,31 @@ pub trait AttentionOp<B: Backend>: Send + Sync {
     ) -> Tensor<B, 4>;
 }
 
+/// Replaces the local kernel for self-attention: context parallelism's all-to-alls go here, so
+/// that a block knows nothing of how its tokens are split.
+pub trait SelfAttentionWrap<B: Backend>: Send + Sync + std::fmt::Debug {
+    /// Self-attention over `[B, S, H, D]` with `local` doing the attention proper.
+    fn attend(&self, local: &dyn AttentionOp<B>, q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 4>;
+}
+
+/// `local` run through `wrap`, as one [`AttentionOp`].
+pub(crate) struct Wrapped<'a, B: Backend> {
+    pub wrap: &'a dyn SelfAttentionWrap<B>,
+    pub local: &'a dyn AttentionOp<B>,
+}
+
+impl<B: Backend> AttentionOp<B> for Wrapped<'_, B> {
+    fn attend(
+        &self,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        _key_padding: Option<Tensor<B, 2, Bool>>,
+    ) -> Tensor<B, 4> {
+        self.wrap.attend(self.local, q, k, v)
+    }
+}
+
 /// The local attention kernels.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum AttentionKind {

@@ -1,13 +1,13 @@
 //! One Wan transformer block, with the hook points FlexCache policies act on.
 
-use crate::attention::AttentionOp;
+use crate::attention::{AttentionOp, SelfAttentionWrap, Wrapped};
 use crate::embed::RopeTables;
 use crate::layers::{affine_layer_norm, layer_norm, linear, modulate, FeedForward, WanAttention};
-use crate::parallel::SeqShard;
 use crate::WanDitConfig;
 use burn::module::{Module, Param};
 use burn::nn::{Initializer, LayerNorm};
 use burn::tensor::{backend::Backend, Tensor};
+use std::sync::Arc;
 
 /// The sub-layers of a block whose outputs a cache policy may reuse or forecast.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -47,8 +47,8 @@ pub struct BlockInputs<B: Backend> {
     /// RoPE angles of the tokens this call holds.
     pub rope: RopeTables<B>,
     /// Set when the tokens are one rank's share of a sequence-parallel run: self-attention then
-    /// goes through Ulysses all-to-alls.
-    pub shard: Option<SeqShard<B>>,
+    /// goes through it (Ulysses all-to-alls around the local kernel).
+    pub self_attention: Option<Arc<dyn SelfAttentionWrap<B>>>,
 }
 
 /// A Wan transformer block (diffusers' `WanTransformerBlock`).
@@ -103,10 +103,14 @@ impl<B: Backend> WanBlock<B> {
         let (c_shift, c_scale, c_gate) = (m(3), m(4), m(5));
 
         let normed = modulate(layer_norm(x.clone(), self.eps), shift, scale);
-        let sa = hook.part(index, BlockPart::SelfAttn, &mut || match &inputs.shard {
-            Some(shard) => self
-                .attn1
-                .forward(normed.clone(), None, Some(&inputs.rope), &shard.ulysses(attn)),
+        let sa = hook.part(index, BlockPart::SelfAttn, &mut || match &inputs.self_attention {
+            Some(wrap) => {
+                let wrapped = Wrapped {
+                    wrap: wrap.as_ref(),
+                    local: attn,
+                };
+                self.attn1.forward(normed.clone(), None, Some(&inputs.rope), &wrapped)
+            }
             None => self.attn1.forward(normed.clone(), None, Some(&inputs.rope), attn),
         });
         let x = x + sa * gate;

@@ -27,15 +27,17 @@ mod layers;
 mod load;
 mod model;
 mod parallel;
+mod ulysses;
 
-pub use attention::{AttentionKind, AttentionOp};
+pub use attention::{AttentionKind, AttentionOp, SelfAttentionWrap};
 pub use block::{BlockHook, BlockInputs, BlockPart, NoHook, WanBlock};
 pub use chitu_store::{weight_files, LoadReport};
 pub use config::WanDitConfig;
 pub use layers::{gelu_tanh, layer_norm, modulate};
 pub use load::CheckpointLayout;
 pub use model::{Embedded, WanTransformer, ROPE_THETA};
-pub use parallel::{CollectiveError, DitRunner, SeqParallel, SeqShard};
+pub use parallel::DitRunner;
+pub use ulysses::{CollectiveError, SeqParallel, SeqShard};
 
 /// Errors from building, loading or running the DiT.
 #[derive(Debug, thiserror::Error)]

@@ -4,6 +4,7 @@ use crate::attention::AttentionOp;
 use crate::block::{BlockHook, BlockInputs, NoHook, WanBlock};
 use crate::embed::{timestep_embedding, unpatchify, RopeTables};
 use crate::layers::{layer_norm, linear, modulate, ConditionEmbedder, PatchEmbed, TextProjection, TimestepEmbedding};
+use crate::ulysses::SeqShard;
 use crate::{DitError, WanDitConfig};
 use burn::module::{Module, Param};
 use burn::nn::{Initializer, Linear};
@@ -43,6 +44,8 @@ pub struct Embedded<B: Backend> {
     pub inputs: BlockInputs<B>,
     /// The patched grid `(f, h, w)`.
     pub grid: [usize; 3],
+    /// Which tokens this rank holds, in a sequence-parallel run.
+    pub shard: Option<SeqShard<B>>,
 }
 
 impl<B: Backend> WanTransformer<B> {
@@ -151,9 +154,10 @@ impl<B: Backend> WanTransformer<B> {
                 e0,
                 context,
                 rope,
-                shard: None,
+                self_attention: None,
             },
             grid,
+            shard: None,
         };
         Ok((tokens, embedded))
     }
