@@ -193,6 +193,21 @@ impl OutputArgs {
     }
 }
 
+/// Everything `chitu generate` and the model examples take for one video: the model, the request
+/// and the outputs.
+#[derive(Debug, Clone, clap::Args)]
+pub struct JobArgs {
+    /// Which model.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// What to generate.
+    #[command(flatten)]
+    pub request: RequestArgs,
+    /// Where the files go.
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
 /// What the CLI suggests after an error, when it has a suggestion.
 pub fn hint(e: &GenError) -> Option<&'static str> {
     match e {

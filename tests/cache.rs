@@ -1,7 +1,7 @@
 //! FlexCache through the Generator: the First Block Cache reference, neutral settings, the
 //! quality gate, per-expert state, and the CLI flags.
 
-use chitu::cache::{CacheConfig, FirstBlockCacheConfig, PabConfig, TaylorSeerConfig, TeaCacheConfig};
+use chitu::cache::{CacheConfig, FirstBlockCacheConfig};
 use chitu::pipeline::{DiffusionBackend, DiffusionTask, DiffusionUserParams, Generator};
 use chitu::{default_device, DefaultBackend as B};
 use std::path::{Path, PathBuf};
@@ -27,27 +27,7 @@ fn first_block_cache_matches_diffusers() {
 fn neutral_settings_leave_the_video_unchanged() {
     let generator = tiny();
     let params = DiffusionUserParams::tiny("A cat walking on grass");
-    let neutral = [
-        CacheConfig::TeaCache(TeaCacheConfig {
-            threshold: 0.0,
-            ..Default::default()
-        }),
-        CacheConfig::FirstBlockCache(FirstBlockCacheConfig {
-            threshold: 0.0,
-            ..Default::default()
-        }),
-        CacheConfig::Pab(PabConfig {
-            warmup: 0,
-            cooldown: 0,
-            skip_self_range: 1,
-            skip_cross_range: 1,
-        }),
-        CacheConfig::TaylorSeer(TaylorSeerConfig {
-            cache_interval: 1,
-            warmup: 0,
-            ..Default::default()
-        }),
-    ];
+    let neutral = CacheConfig::neutral();
     for config in neutral {
         let p = DiffusionUserParams {
             cache: Some(config.clone()),

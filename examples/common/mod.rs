@@ -1,7 +1,7 @@
 //! What the model examples share: the `chitu generate` flags for the model, the request and the
 //! outputs (`chitu::cli`), and the short path from a folder to a video file.
 
-use chitu::cli::{ModelArgs, OutputArgs, RequestArgs};
+use chitu::cli::JobArgs;
 use chitu::pipeline::{DiffusionUserParams, Generator, Video};
 use chitu::{default_device, DefaultBackend as B};
 use clap::Parser;
@@ -10,17 +10,13 @@ use clap::Parser;
 #[derive(Parser)]
 struct Args {
     #[command(flatten)]
-    model: ModelArgs,
-    #[command(flatten)]
-    request: RequestArgs,
-    #[command(flatten)]
-    output: OutputArgs,
+    job: JobArgs,
 }
 
 /// Loads `--model-dir`, generates with `default_params` as the model's defaults, and writes the
 /// MP4, the contact sheet and the sidecar under `--out`.
 pub fn run(default_params: impl Fn(String) -> DiffusionUserParams) -> Result<(), Box<dyn std::error::Error>> {
-    let args = Args::parse();
+    let args = Args::parse().job;
     let Some(dir) = &args.model.model_dir else {
         return Err("usage: --model-dir DIR --prompt TEXT [--steps N] [--low-mem 0-3] ...".into());
     };

@@ -1,6 +1,6 @@
 //! `chitu generate`: text to video with a Wan model folder, or with the embedded tiny model.
 
-use chitu::cli::{hint, ModelArgs, OutputArgs, RequestArgs};
+use chitu::cli::{hint, JobArgs};
 use chitu::dist::{run_local_with, Communicator, Layout, Mesh};
 use chitu::pipeline::{CacheCheck, DiffusionTask, DiffusionUserParams, GenError, Generator, Stage, Video};
 use chitu::{default_device, rank_device, DefaultBackend as B};
@@ -25,11 +25,7 @@ enum Command {
 #[derive(clap::Args)]
 struct GenerateArgs {
     #[command(flatten)]
-    model: ModelArgs,
-    #[command(flatten)]
-    request: RequestArgs,
-    #[command(flatten)]
-    output: OutputArgs,
+    job: JobArgs,
     /// Also run without the cache from the same seed and report PSNR, latent difference and speedup.
     #[arg(long, requires = "cache")]
     cache_check: bool,
@@ -135,11 +131,11 @@ fn load(
         None => (None, default_device()),
     };
     let output_rank = mesh.as_ref().is_none_or(|m| m.is_output_rank());
-    if args.model.model_dir.is_none() && output_rank {
+    if args.job.model.model_dir.is_none() && output_rank {
         eprintln!("no --model-dir: using the embedded tiny model (random weights: it shows the pipeline, not quality)");
     }
-    let (backend, defaults) = args.model.load::<B>(&device, DiffusionUserParams::new)?;
-    let params = args.request.params(defaults, args.model.low_mem)?;
+    let (backend, defaults) = args.job.model.load::<B>(&device, DiffusionUserParams::new)?;
+    let params = args.job.request.params(defaults, args.job.model.low_mem)?;
     let generator = match mesh {
         Some(mesh) => Generator::new(backend).with_mesh(mesh),
         None => Generator::new(backend),
@@ -208,9 +204,9 @@ fn write(
     if let Some(check) = &check {
         eprintln!("{check}");
     }
-    let video = Video::from_task(task, &args.model.name())?;
-    let mut files = args.output.write(&video)?;
-    let json = args.output.out.join(format!("{}.json", video.stem()));
+    let video = Video::from_task(task, &args.job.model.name())?;
+    let mut files = args.job.output.write(&video)?;
+    let json = args.job.output.out.join(format!("{}.json", video.stem()));
     let mut meta = video.metadata(&files);
     if let Some(mesh) = generator.mesh() {
         meta["parallel"] = serde_json::json!({ "cfg": mesh.layout.cfg, "cp": mesh.layout.cp });

@@ -313,6 +313,36 @@ impl CacheConfig {
     }
 }
 
+impl CacheConfig {
+    /// Every policy at settings that never reuse anything: a run with any of them must equal
+    /// the uncached run exactly (what the tests check the policies' plumbing with).
+    pub fn neutral() -> Vec<CacheConfig> {
+        vec![
+            CacheConfig::TeaCache(TeaCacheConfig {
+                threshold: 0.0,
+                warmup: 0,
+                cooldown: 0,
+                ..Default::default()
+            }),
+            CacheConfig::FirstBlockCache(FirstBlockCacheConfig {
+                threshold: 0.0,
+                ..Default::default()
+            }),
+            CacheConfig::Pab(PabConfig {
+                warmup: 0,
+                cooldown: 0,
+                skip_self_range: 1,
+                skip_cross_range: 1,
+            }),
+            CacheConfig::TaylorSeer(TaylorSeerConfig {
+                cache_interval: 1,
+                warmup: 0,
+                ..Default::default()
+            }),
+        ]
+    }
+}
+
 /// Steps at the start (`warmup`) and end (`cooldown`) of a run that every policy computes in full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Window {

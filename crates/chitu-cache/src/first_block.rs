@@ -1,12 +1,12 @@
 //! First Block Cache (diffusers' `hooks/first_block_cache.py`).
 
 use crate::config::{FirstBlockCacheConfig, Window};
-use crate::{CachePolicy, CacheStats, Core, DitCall};
+use crate::{CacheRule, DitInput, Policy, RuleContext, Velocity};
 use burn::tensor::{backend::Backend, Tensor};
-use chitu_dit::{DitError, DitRunner, NoHook};
+use chitu_dit::{DitRunner, NoHook};
 
 /// State of one (branch, expert) context.
-struct State<B: Backend> {
+pub struct State<B: Backend> {
     /// Block 0's residual at the last full compute (the reference for the next decision).
     head_residual: Option<Tensor<B, 3>>,
     /// Output of the last block minus output of block 0, at the last full compute.
@@ -25,49 +25,28 @@ impl<B: Backend> Default for State<B> {
 /// First Block Cache: always runs block 0; when the relative mean-absolute change of its
 /// residual since the last full compute is at most the threshold, adds the stored residual of the
 /// remaining blocks instead of running them.
-pub struct FirstBlockCache<B: Backend> {
-    config: FirstBlockCacheConfig,
-    core: Core<State<B>>,
-}
+pub type FirstBlockCache<B> = Policy<B, FirstBlockCacheConfig>;
 
-impl<B: Backend> FirstBlockCache<B> {
-    /// The policy with its settings and empty state.
-    pub fn new(config: FirstBlockCacheConfig) -> Self {
-        Self {
-            config,
-            core: Core::new(),
-        }
-    }
-}
+impl<B: Backend> CacheRule<B> for FirstBlockCacheConfig {
+    const NAME: &'static str = "first_block_cache";
+    type State = State<B>;
 
-impl<B: Backend> CachePolicy<B> for FirstBlockCache<B> {
-    fn name(&self) -> &'static str {
-        "first_block_cache"
-    }
-
-    fn forward(
-        &mut self,
-        dit: &DitRunner<B>,
-        call: DitCall,
-        x: Tensor<B, 5>,
-        timestep: f64,
-        context: Tensor<B, 3>,
-    ) -> Result<Tensor<B, 5>, DitError> {
-        let e = dit.embed(x, &[timestep], context)?;
+    fn run(&self, dit: &DitRunner<B>, input: DitInput<B>, ctx: RuleContext<'_, State<B>>) -> Velocity<B> {
+        let RuleContext { call, state, stats } = ctx;
+        let e = dit.embed(input.x, &[input.timestep], input.context)?;
         let num_blocks = dit.num_blocks();
-        let window = Window::new(self.config.warmup, self.config.cooldown);
+        let window = Window::new(self.warmup, self.cooldown);
         let head_out = dit.blocks(e.tokens.clone(), &e.inputs, 0..1.min(num_blocks), &mut NoHook);
         let head_residual = head_out.clone() - e.tokens.clone();
-        let (state, stats) = self.core.context(&call);
 
         // Every rank of a sharded run measures the whole sequence, so all take the same branch.
         let skip = !window.forces(call.step, call.num_steps)
-            && self.config.threshold > 0.0
+            && self.threshold > 0.0
             && num_blocks > 1
             && match (&state.head_residual, &state.tail_residual) {
                 (Some(prev), Some(_)) => dit
                     .relative_l1(head_residual.clone(), prev.clone(), &e)?
-                    .is_some_and(|d| d <= self.config.threshold),
+                    .is_some_and(|d| d <= self.threshold),
                 _ => false,
             };
 
@@ -85,13 +64,5 @@ impl<B: Backend> CachePolicy<B> for FirstBlockCache<B> {
             }
         };
         dit.head(tokens, &e)
-    }
-
-    fn stats(&self) -> CacheStats {
-        self.core.stats()
-    }
-
-    fn reset(&mut self) {
-        self.core.reset()
     }
 }

@@ -16,14 +16,15 @@
 //!
 //! ```no_run
 //! # use burn_flex::Flex;
-//! use chitu_cache::{Branch, CacheConfig, DitCall};
+//! use chitu_cache::{Branch, CacheConfig, DitCall, DitInput};
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! # let device = Default::default();
 //! # let dit = chitu_dit::WanTransformer::<Flex>::from_dir("transformer", &device)?;
 //! # let (latents, text) = (burn::tensor::Tensor::zeros([1, 16, 2, 4, 4], &device), burn::tensor::Tensor::zeros([1, 8, 32], &device));
 //! let mut cache = chitu_cache::build::<Flex>(&CacheConfig::parse("teacache")?)?;
 //! let call = DitCall { step: 0, num_steps: 50, branch: Branch::Cond, expert: 0 };
-//! let velocity = cache.forward(&chitu_dit::DitRunner::local(&dit), call, latents, 999.0, text)?;
+//! let input = DitInput::new(latents, 999.0, text);
+//! let velocity = cache.forward(&chitu_dit::DitRunner::local(&dit), call, input)?;
 //! println!("{:?}", cache.stats());
 //! # Ok(()) }
 //! ```
@@ -136,16 +137,9 @@ pub trait CachePolicy<B: Backend>: Send {
     /// The policy's name.
     fn name(&self) -> &'static str;
 
-    /// The velocity of the model `dit` runs for latents `x` `[1, C, F, H, W]` at `timestep` with text states
-    /// `context`, computing only what the policy decides for `call`.
-    fn forward(
-        &mut self,
-        dit: &DitRunner<B>,
-        call: DitCall,
-        x: Tensor<B, 5>,
-        timestep: f64,
-        context: Tensor<B, 3>,
-    ) -> Result<Tensor<B, 5>, DitError>;
+    /// The velocity of the model `dit` runs for `input`, computing only what the policy decides
+    /// for `call`.
+    fn forward(&mut self, dit: &DitRunner<B>, call: DitCall, input: DitInput<B>) -> Velocity<B>;
 
     /// Counters so far.
     fn stats(&self) -> CacheStats;
@@ -163,6 +157,82 @@ pub fn build<B: Backend>(config: &CacheConfig) -> Result<Box<dyn CachePolicy<B>>
         CacheConfig::FirstBlockCache(c) => Box::new(FirstBlockCache::new(c.clone())),
         CacheConfig::TaylorSeer(c) => Box::new(TaylorSeer::new(c.clone())),
     })
+}
+
+/// One DiT call's inputs: latents `[1, C, F, H, W]`, the timestep and the text states.
+pub struct DitInput<B: Backend> {
+    /// The latents.
+    pub x: Tensor<B, 5>,
+    /// The timestep.
+    pub timestep: f64,
+    /// The text states.
+    pub context: Tensor<B, 3>,
+}
+
+impl<B: Backend> DitInput<B> {
+    /// The inputs of one call.
+    pub fn new(x: Tensor<B, 5>, timestep: f64, context: Tensor<B, 3>) -> Self {
+        Self { x, timestep, context }
+    }
+}
+
+/// A DiT call's velocity prediction, or why it failed.
+pub type Velocity<B> = Result<Tensor<B, 5>, DitError>;
+
+/// What a rule may touch for one call: where the call sits, its context's state, the counters.
+pub struct RuleContext<'a, S> {
+    /// The call.
+    pub call: DitCall,
+    /// The state of the call's (branch, expert) context.
+    pub state: &'a mut S,
+    /// The counters to record the call in.
+    pub stats: &'a mut CacheStats,
+}
+
+/// What makes one policy: its settings (the rule is the policy's config), the state it keeps per
+/// (branch, expert) context, and how it runs a call. [`Policy`] adds the contexts and counters.
+pub trait CacheRule<B: Backend>: Send {
+    /// The policy's name.
+    const NAME: &'static str;
+    /// What the rule keeps per context.
+    type State: Default + Send;
+    /// The velocity for `input`, computing only what the rule decides for `ctx.call`.
+    fn run(&self, dit: &DitRunner<B>, input: DitInput<B>, ctx: RuleContext<'_, Self::State>) -> Velocity<B>;
+}
+
+/// A cache policy: a rule, with its state per (branch, expert) context and its counters.
+pub struct Policy<B: Backend, R: CacheRule<B>> {
+    rule: R,
+    core: Core<R::State>,
+}
+
+impl<B: Backend, R: CacheRule<B>> Policy<B, R> {
+    /// The policy with its settings and empty state.
+    pub fn new(rule: R) -> Self {
+        Self {
+            rule,
+            core: Core::new(),
+        }
+    }
+}
+
+impl<B: Backend, R: CacheRule<B>> CachePolicy<B> for Policy<B, R> {
+    fn name(&self) -> &'static str {
+        R::NAME
+    }
+
+    fn forward(&mut self, dit: &DitRunner<B>, call: DitCall, input: DitInput<B>) -> Velocity<B> {
+        let (state, stats) = self.core.context(&call);
+        self.rule.run(dit, input, RuleContext { call, state, stats })
+    }
+
+    fn stats(&self) -> CacheStats {
+        self.core.stats()
+    }
+
+    fn reset(&mut self) {
+        self.core.reset()
+    }
 }
 
 /// What every policy keeps: its state per (branch, expert) context, and its counters.

@@ -1,9 +1,9 @@
 //! Pyramid Attention Broadcast (Chitu's `flexcache/strategy/pab.py`).
 
 use crate::config::{PabConfig, Window};
-use crate::{CachePolicy, CacheStats, Core, DitCall};
+use crate::{CacheRule, DitCall, DitInput, Policy, RuleContext, Velocity};
 use burn::tensor::{backend::Backend, Tensor};
-use chitu_dit::{BlockHook, BlockPart, DitError, DitRunner};
+use chitu_dit::{BlockHook, BlockPart, DitRunner};
 use std::collections::HashMap;
 
 /// Whether PAB computes `part` at `step` of `num_steps`: always inside the warmup/cooldown window,
@@ -23,20 +23,7 @@ pub fn pab_computes(config: &PabConfig, part: BlockPart, step: usize, num_steps:
 type Stored<B> = HashMap<(usize, BlockPart), Tensor<B, 3>>;
 
 /// PAB: reuses each block's self- and cross-attention output between scheduled recomputes.
-pub struct Pab<B: Backend> {
-    config: PabConfig,
-    core: Core<Stored<B>>,
-}
-
-impl<B: Backend> Pab<B> {
-    /// The policy with its settings and empty state.
-    pub fn new(config: PabConfig) -> Self {
-        Self {
-            config,
-            core: Core::new(),
-        }
-    }
-}
+pub type Pab<B> = Policy<B, PabConfig>;
 
 struct Hook<'a, B: Backend> {
     config: &'a PabConfig,
@@ -61,38 +48,26 @@ impl<B: Backend> BlockHook<B> for Hook<'_, B> {
     }
 }
 
-impl<B: Backend> CachePolicy<B> for Pab<B> {
-    fn name(&self) -> &'static str {
-        "pab"
-    }
+impl<B: Backend> CacheRule<B> for PabConfig {
+    const NAME: &'static str = "pab";
+    type State = Stored<B>;
 
-    fn forward(
-        &mut self,
-        dit: &DitRunner<B>,
-        call: DitCall,
-        x: Tensor<B, 5>,
-        timestep: f64,
-        context: Tensor<B, 3>,
-    ) -> Result<Tensor<B, 5>, DitError> {
-        let (stored, stats) = self.core.context(&call);
+    fn run(&self, dit: &DitRunner<B>, input: DitInput<B>, ctx: RuleContext<'_, Stored<B>>) -> Velocity<B> {
+        let RuleContext {
+            call,
+            state: stored,
+            stats,
+        } = ctx;
         let mut hook = Hook {
-            config: &self.config,
+            config: self,
             stored,
             call,
             reused: 0,
         };
-        let out = dit.forward(x, &[timestep], context, &mut hook)?;
+        let out = dit.forward(input.x, &[input.timestep], input.context, &mut hook)?;
         let reused = hook.reused;
         stats.record(dit.num_blocks(), 0, reused);
         Ok(out)
-    }
-
-    fn stats(&self) -> CacheStats {
-        self.core.stats()
-    }
-
-    fn reset(&mut self) {
-        self.core.reset()
     }
 }
 

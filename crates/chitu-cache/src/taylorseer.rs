@@ -1,9 +1,9 @@
 //! TaylorSeer (diffusers' `hooks/taylorseer_cache.py`), on every attention and FFN output.
 
 use crate::config::{TaylorSeerConfig, Window};
-use crate::{CachePolicy, CacheStats, Core, DitCall};
+use crate::{CacheRule, DitInput, Policy, RuleContext, Velocity};
 use burn::tensor::{backend::Backend, Tensor};
-use chitu_dit::{BlockHook, BlockPart, DitError, DitRunner};
+use chitu_dit::{BlockHook, BlockPart, DitRunner};
 use std::collections::HashMap;
 
 /// Whether TaylorSeer runs a full compute at `step` of `num_steps`: inside the warmup/cooldown
@@ -17,7 +17,7 @@ pub fn taylorseer_computes(config: &TaylorSeerConfig, step: usize, num_steps: us
 
 /// Taylor factors of one (branch, expert) context: for each sub-layer, the output and its
 /// divided differences up to `max_order`, as of `last_step`.
-struct State<B: Backend> {
+pub struct State<B: Backend> {
     last_step: Option<usize>,
     factors: HashMap<(usize, BlockPart), Vec<Tensor<B, 3>>>,
 }
@@ -33,20 +33,7 @@ impl<B: Backend> Default for State<B> {
 
 /// TaylorSeer: computes everything on its schedule and, in between, forecasts each sub-layer
 /// output as `sum_k f_k * offset^k / k!` from the factors of the last computes.
-pub struct TaylorSeer<B: Backend> {
-    config: TaylorSeerConfig,
-    core: Core<State<B>>,
-}
-
-impl<B: Backend> TaylorSeer<B> {
-    /// The policy with its settings and empty state.
-    pub fn new(config: TaylorSeerConfig) -> Self {
-        Self {
-            config,
-            core: Core::new(),
-        }
-    }
-}
+pub type TaylorSeer<B> = Policy<B, TaylorSeerConfig>;
 
 struct Hook<'a, B: Backend> {
     state: &'a mut State<B>,
@@ -90,44 +77,28 @@ impl<B: Backend> BlockHook<B> for Hook<'_, B> {
     }
 }
 
-impl<B: Backend> CachePolicy<B> for TaylorSeer<B> {
-    fn name(&self) -> &'static str {
-        "taylorseer"
-    }
+impl<B: Backend> CacheRule<B> for TaylorSeerConfig {
+    const NAME: &'static str = "taylorseer";
+    type State = State<B>;
 
-    fn forward(
-        &mut self,
-        dit: &DitRunner<B>,
-        call: DitCall,
-        x: Tensor<B, 5>,
-        timestep: f64,
-        context: Tensor<B, 3>,
-    ) -> Result<Tensor<B, 5>, DitError> {
-        let (state, stats) = self.core.context(&call);
+    fn run(&self, dit: &DitRunner<B>, input: DitInput<B>, ctx: RuleContext<'_, State<B>>) -> Velocity<B> {
+        let RuleContext { call, state, stats } = ctx;
         // A context's first call has nothing to forecast from (a later expert starting mid-run).
-        let compute = taylorseer_computes(&self.config, call.step, call.num_steps) || state.last_step.is_none();
+        let compute = taylorseer_computes(self, call.step, call.num_steps) || state.last_step.is_none();
         let mut hook = Hook {
             state: &mut *state,
-            max_order: self.config.max_order,
+            max_order: self.max_order,
             step: call.step,
             compute,
             forecast: 0,
         };
-        let out = dit.forward(x, &[timestep], context, &mut hook)?;
+        let out = dit.forward(input.x, &[input.timestep], input.context, &mut hook)?;
         let forecast = hook.forecast;
         if compute {
             state.last_step = Some(call.step);
         }
         stats.record(dit.num_blocks(), 0, forecast);
         Ok(out)
-    }
-
-    fn stats(&self) -> CacheStats {
-        self.core.stats()
-    }
-
-    fn reset(&mut self) {
-        self.core.reset()
     }
 }
 

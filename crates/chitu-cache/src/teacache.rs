@@ -1,12 +1,12 @@
 //! TeaCache (Chitu's `flexcache/strategy/teacache.py`, after TeaCache4Wan2.1).
 
 use crate::config::{polyval, TeaCacheConfig, TeaCacheMode, Window};
-use crate::{relative_l1, CachePolicy, CacheStats, Core, DitCall};
+use crate::{relative_l1, CacheRule, DitInput, Policy, RuleContext, Velocity};
 use burn::tensor::{backend::Backend, Tensor};
-use chitu_dit::{DitError, DitRunner, NoHook};
+use chitu_dit::{DitRunner, NoHook};
 
 /// State of one (branch, expert) context.
-struct State<B: Backend> {
+pub struct State<B: Backend> {
     accumulated: f64,
     previous_signal: Option<Tensor<B, 2>>,
     /// Output minus input of the block stack at the last full compute.
@@ -25,44 +25,23 @@ impl<B: Backend> Default for State<B> {
 
 /// TeaCache: skips every block while the accumulated, polynomial-rescaled relative L1 change of
 /// the timestep signal stays below the threshold, adding the last stored residual instead.
-pub struct TeaCache<B: Backend> {
-    config: TeaCacheConfig,
-    core: Core<State<B>>,
-}
+pub type TeaCache<B> = Policy<B, TeaCacheConfig>;
 
-impl<B: Backend> TeaCache<B> {
-    /// The policy with its settings and empty state.
-    pub fn new(config: TeaCacheConfig) -> Self {
-        Self {
-            config,
-            core: Core::new(),
-        }
-    }
-}
+impl<B: Backend> CacheRule<B> for TeaCacheConfig {
+    const NAME: &'static str = "teacache";
+    type State = State<B>;
 
-impl<B: Backend> CachePolicy<B> for TeaCache<B> {
-    fn name(&self) -> &'static str {
-        "teacache"
-    }
-
-    fn forward(
-        &mut self,
-        dit: &DitRunner<B>,
-        call: DitCall,
-        x: Tensor<B, 5>,
-        timestep: f64,
-        context: Tensor<B, 3>,
-    ) -> Result<Tensor<B, 5>, DitError> {
-        let e = dit.embed(x, &[timestep], context)?;
-        let signal: Tensor<B, 2> = match self.config.mode {
+    fn run(&self, dit: &DitRunner<B>, input: DitInput<B>, ctx: RuleContext<'_, State<B>>) -> Velocity<B> {
+        let RuleContext { call, state, stats } = ctx;
+        let e = dit.embed(input.x, &[input.timestep], input.context)?;
+        let signal: Tensor<B, 2> = match self.mode {
             TeaCacheMode::RetSteps => e.inputs.e0.clone().flatten(1, 2),
             TeaCacheMode::Default => e.temb.clone(),
         };
-        let window = Window::new(self.config.warmup, self.config.cooldown);
+        let window = Window::new(self.warmup, self.cooldown);
         let forced = window.forces(call.step, call.num_steps);
-        let coefficients = self.config.coefficients_for(dit.config());
-        let threshold = self.config.threshold;
-        let (state, stats) = self.core.context(&call);
+        let coefficients = self.coefficients_for(dit.config());
+        let threshold = self.threshold;
 
         let reuse = if forced {
             state.accumulated = 0.0;
@@ -104,13 +83,5 @@ impl<B: Backend> CachePolicy<B> for TeaCache<B> {
             out
         };
         dit.head(tokens, &e)
-    }
-
-    fn stats(&self) -> CacheStats {
-        self.core.stats()
-    }
-
-    fn reset(&mut self) {
-        self.core.reset()
     }
 }

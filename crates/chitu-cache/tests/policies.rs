@@ -4,8 +4,8 @@
 use burn::tensor::{backend::Backend, Distribution, Tensor, TensorData};
 use burn_flex::Flex;
 use chitu_cache::{
-    build, pab_computes, Branch, CacheConfig, CachePolicy, DitCall, FirstBlockCacheConfig, PabConfig, TaylorSeerConfig,
-    TeaCacheConfig,
+    build, pab_computes, Branch, CacheConfig, CachePolicy, DitCall, DitInput, FirstBlockCacheConfig, PabConfig,
+    TaylorSeerConfig, TeaCacheConfig,
 };
 use chitu_dit::{BlockPart, DitRunner, WanDitConfig, WanTransformer};
 
@@ -70,9 +70,7 @@ fn drive(policy: &mut dyn CachePolicy<B>, model: &WanTransformer<B>, run: &Run) 
                 .forward(
                     &DitRunner::local(model),
                     call(step, branch),
-                    run.latents[step].clone(),
-                    run.timesteps[step],
-                    ctx.clone(),
+                    DitInput::new(run.latents[step].clone(), run.timesteps[step], ctx.clone()),
                 )
                 .unwrap();
             outs.push(out.into_data());
@@ -94,38 +92,12 @@ fn uncached(model: &WanTransformer<B>, run: &Run) -> Vec<TensorData> {
     outs
 }
 
-fn neutral_configs() -> Vec<CacheConfig> {
-    vec![
-        CacheConfig::TeaCache(TeaCacheConfig {
-            threshold: 0.0,
-            warmup: 0,
-            cooldown: 0,
-            ..Default::default()
-        }),
-        CacheConfig::FirstBlockCache(FirstBlockCacheConfig {
-            threshold: 0.0,
-            ..Default::default()
-        }),
-        CacheConfig::Pab(PabConfig {
-            warmup: 0,
-            cooldown: 0,
-            skip_self_range: 1,
-            skip_cross_range: 1,
-        }),
-        CacheConfig::TaylorSeer(TaylorSeerConfig {
-            cache_interval: 1,
-            warmup: 0,
-            ..Default::default()
-        }),
-    ]
-}
-
 #[test]
 fn neutral_settings_are_identical_to_no_cache() {
     let model = model();
     let run = run_inputs();
     let reference = uncached(&model, &run);
-    for config in neutral_configs() {
+    for config in CacheConfig::neutral() {
         let mut policy = build::<B>(&config).unwrap();
         let outs = drive(policy.as_mut(), &model, &run);
         assert_eq!(outs, reference, "{}", config.name());
@@ -191,9 +163,7 @@ fn state_is_kept_per_branch_and_per_expert() {
                     .forward(
                         &DitRunner::local(&model),
                         c,
-                        run.latents[step].clone(),
-                        run.timesteps[step],
-                        run.cond.clone(),
+                        DitInput::new(run.latents[step].clone(), run.timesteps[step], run.cond.clone()),
                     )
                     .unwrap();
             }

@@ -6,16 +6,13 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{backend::Backend, Bool, Tensor};
 
+/// `[B, Sk]`, true where a key must be ignored (the pad keys of a context-parallel run).
+pub type KeyPadding<B> = Option<Tensor<B, 2, Bool>>;
+
 /// Scaled dot-product attention over `[B, S, H, D]` queries, keys and values.
 pub trait AttentionOp<B: Backend>: Send + Sync {
     /// `softmax(q kᵀ / sqrt(D)) v` per head. `key_padding` is `[B, Sk]`, true where a key must be ignored.
-    fn attend(
-        &self,
-        q: Tensor<B, 4>,
-        k: Tensor<B, 4>,
-        v: Tensor<B, 4>,
-        key_padding: Option<Tensor<B, 2, Bool>>,
-    ) -> Tensor<B, 4>;
+    fn attend(&self, q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, key_padding: KeyPadding<B>) -> Tensor<B, 4>;
 }
 
 /// Replaces the local kernel for self-attention: context parallelism's all-to-alls go here, so
@@ -32,13 +29,7 @@ pub(crate) struct Wrapped<'a, B: Backend> {
 }
 
 impl<B: Backend> AttentionOp<B> for Wrapped<'_, B> {
-    fn attend(
-        &self,
-        q: Tensor<B, 4>,
-        k: Tensor<B, 4>,
-        v: Tensor<B, 4>,
-        _key_padding: Option<Tensor<B, 2, Bool>>,
-    ) -> Tensor<B, 4> {
+    fn attend(&self, q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, _key_padding: KeyPadding<B>) -> Tensor<B, 4> {
         self.wrap.attend(self.local, q, k, v)
     }
 }
@@ -109,13 +100,7 @@ fn blocked_attention<B: Backend>(
 }
 
 impl<B: Backend> AttentionOp<B> for AttentionKind {
-    fn attend(
-        &self,
-        q: Tensor<B, 4>,
-        k: Tensor<B, 4>,
-        v: Tensor<B, 4>,
-        key_padding: Option<Tensor<B, 2, Bool>>,
-    ) -> Tensor<B, 4> {
+    fn attend(&self, q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, key_padding: KeyPadding<B>) -> Tensor<B, 4> {
         // Heads first for the kernels.
         let (q, k, v) = (q.swap_dims(1, 2), k.swap_dims(1, 2), v.swap_dims(1, 2));
         let out = match self.resolve::<B>(&q.device()) {

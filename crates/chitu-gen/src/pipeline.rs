@@ -12,7 +12,7 @@ use crate::parallel::Parallel;
 use crate::task::{Denoising, State};
 use crate::{DiffusionBackend, DiffusionTask, DiffusionUserParams, GenError, Stage};
 use burn::tensor::{backend::Backend, ElementConversion, Tensor, TensorData};
-use chitu_cache::{Branch, DitCall};
+use chitu_cache::{Branch, DitCall, DitInput};
 use chitu_dist::Mesh;
 use chitu_dit::{DitRunner, WanTransformer};
 use chitu_sched::Scheduler;
@@ -206,7 +206,7 @@ impl<B: Backend> Generator<B> {
             let mut predict = |ctx: &Tensor<B, 3>, branch| {
                 let ctx = ctx.clone();
                 match cache {
-                    Some(policy) => policy.forward(&runner, call(branch), latents.clone(), t, ctx),
+                    Some(policy) => policy.forward(&runner, call(branch), DitInput::new(latents.clone(), t, ctx)),
                     None => runner.forward(latents.clone(), &[t], ctx, &mut chitu_dit::NoHook),
                 }
                 .map_err(|source| GenError::Denoise { step: d.step, source })

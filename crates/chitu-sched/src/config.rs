@@ -200,6 +200,23 @@ impl Default for UniPcConfig {
     }
 }
 
+/// What both multistep solvers require: a valid training length, flow prediction, flow sigmas.
+fn check_flow_multistep(
+    class: &'static str,
+    train_steps: usize,
+    prediction_type: &str,
+    use_flow_sigmas: bool,
+) -> Result<(), SchedError> {
+    check_train_steps(class, train_steps)?;
+    require(
+        prediction_type == "flow_prediction",
+        class,
+        "prediction_type",
+        prediction_type,
+    )?;
+    require(use_flow_sigmas, class, "use_flow_sigmas", use_flow_sigmas)
+}
+
 impl UniPcConfig {
     /// The config Wan2.1/2.2 diffusers folders ship (flow prediction, bh2, order 2); shift 5.0 by default.
     pub fn wan() -> Self {
@@ -214,14 +231,7 @@ impl UniPcConfig {
     /// Checks that every option is one this crate implements; returns the effective solver type.
     pub(crate) fn validate(&self) -> Result<(), SchedError> {
         const C: &str = "UniPCMultistepScheduler";
-        check_train_steps(C, self.num_train_timesteps)?;
-        require(
-            self.prediction_type == "flow_prediction",
-            C,
-            "prediction_type",
-            &self.prediction_type,
-        )?;
-        require(self.use_flow_sigmas, C, "use_flow_sigmas", self.use_flow_sigmas)?;
+        check_flow_multistep(C, self.num_train_timesteps, &self.prediction_type, self.use_flow_sigmas)?;
         // diffusers rejects flow_prediction without predict_x0 as well.
         require(self.predict_x0, C, "predict_x0", self.predict_x0)?;
         require(!self.thresholding, C, "thresholding", self.thresholding)?;
@@ -365,14 +375,7 @@ impl DpmSolverConfig {
 
     pub(crate) fn validate(&self) -> Result<(), SchedError> {
         const C: &str = "DPMSolverMultistepScheduler";
-        check_train_steps(C, self.num_train_timesteps)?;
-        require(
-            self.prediction_type == "flow_prediction",
-            C,
-            "prediction_type",
-            &self.prediction_type,
-        )?;
-        require(self.use_flow_sigmas, C, "use_flow_sigmas", self.use_flow_sigmas)?;
+        check_flow_multistep(C, self.num_train_timesteps, &self.prediction_type, self.use_flow_sigmas)?;
         require(
             self.algorithm_type == "dpmsolver++",
             C,

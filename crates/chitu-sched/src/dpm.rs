@@ -3,7 +3,7 @@
 
 use crate::config::{DpmSolverConfig, FinalSigmas};
 use crate::math::{flow_alpha_sigma, flow_sigmas, lambda};
-use crate::{SchedError, Schedule, Scheduler};
+use crate::{schedule_accessors, SchedError, Schedule, Scheduler, Stepped};
 use burn::tensor::{backend::Backend, Tensor};
 
 const CLASS: &str = "DPMSolverMultistepScheduler";
@@ -85,28 +85,13 @@ impl<B: Backend, const D: usize> Scheduler<B, D> for DpmSolverScheduler<B, D> {
         Ok(())
     }
 
-    fn timesteps(&self) -> &[f64] {
-        &self.schedule.timesteps
-    }
-
-    fn sigmas(&self) -> &[f64] {
-        &self.schedule.sigmas
-    }
+    schedule_accessors!();
 
     fn order(&self) -> usize {
         self.config.solver_order
     }
 
-    fn step_index(&self) -> usize {
-        self.schedule.step_index
-    }
-
-    fn step(
-        &mut self,
-        model_output: Tensor<B, D>,
-        timestep: f64,
-        sample: Tensor<B, D>,
-    ) -> Result<Tensor<B, D>, SchedError> {
+    fn step(&mut self, model_output: Tensor<B, D>, timestep: f64, sample: Tensor<B, D>) -> Stepped<B, D> {
         let idx = self.schedule.begin_step(CLASS, timestep)?;
         let n = self.schedule.timesteps.len();
         let c = &self.config;

@@ -2,7 +2,7 @@
 
 use crate::config::FlowMatchEulerConfig;
 use crate::math::{numpy_linspace, shift_sigmas};
-use crate::{SchedError, Schedule, Scheduler};
+use crate::{schedule_accessors, SchedError, Schedule, Scheduler, Stepped};
 use burn::tensor::{backend::Backend, Tensor};
 
 const CLASS: &str = "FlowMatchEulerDiscreteScheduler";
@@ -68,28 +68,13 @@ impl<B: Backend, const D: usize> Scheduler<B, D> for FlowMatchEulerScheduler<B, 
         Ok(())
     }
 
-    fn timesteps(&self) -> &[f64] {
-        &self.schedule.timesteps
-    }
-
-    fn sigmas(&self) -> &[f64] {
-        &self.schedule.sigmas
-    }
+    schedule_accessors!();
 
     fn order(&self) -> usize {
         1
     }
 
-    fn step_index(&self) -> usize {
-        self.schedule.step_index
-    }
-
-    fn step(
-        &mut self,
-        model_output: Tensor<B, D>,
-        timestep: f64,
-        sample: Tensor<B, D>,
-    ) -> Result<Tensor<B, D>, SchedError> {
+    fn step(&mut self, model_output: Tensor<B, D>, timestep: f64, sample: Tensor<B, D>) -> Stepped<B, D> {
         let idx = self.schedule.begin_step(CLASS, timestep)?;
         // dt is formed in float32, as diffusers subtracts two float32 sigmas.
         let dt = self.schedule.sigmas[idx + 1] as f32 - self.schedule.sigmas[idx] as f32;

@@ -106,6 +106,9 @@ pub enum SchedError {
     },
 }
 
+/// The sample after a step, or why the step was refused.
+pub type Stepped<B, const D: usize> = Result<Tensor<B, D>, SchedError>;
+
 /// A noise scheduler for flow-matching diffusion, over latents of rank `D` (5 for Wan video latents).
 ///
 /// The trait is object safe: pipelines hold a `Box<dyn Scheduler<B>>`.
@@ -128,12 +131,7 @@ pub trait Scheduler<B: Backend, const D: usize = 5>: Send {
     ///
     /// `timestep` must be `timesteps()[step_index()]`: the step position comes from an internal
     /// counter (as in diffusers), and a mismatched timestep is an error rather than silent wrong math.
-    fn step(
-        &mut self,
-        model_output: Tensor<B, D>,
-        timestep: f64,
-        sample: Tensor<B, D>,
-    ) -> Result<Tensor<B, D>, SchedError>;
+    fn step(&mut self, model_output: Tensor<B, D>, timestep: f64, sample: Tensor<B, D>) -> Stepped<B, D>;
     /// Clears the multistep history and returns to step 0, keeping the schedule.
     fn reset(&mut self);
     /// Starts the next `step` at position `index` of the schedule (diffusers' `set_begin_index`),
@@ -212,6 +210,24 @@ pub fn for_solver<B: Backend, const D: usize>(
 pub fn scale_noise<B: Backend, const D: usize>(x0: Tensor<B, D>, noise: Tensor<B, D>, sigma: f64) -> Tensor<B, D> {
     x0.mul_scalar((1.0 - sigma) as f32) + noise.mul_scalar(sigma as f32)
 }
+
+/// The `Scheduler` methods every scheduler answers from its `schedule` field.
+macro_rules! schedule_accessors {
+    () => {
+        fn timesteps(&self) -> &[f64] {
+            &self.schedule.timesteps
+        }
+
+        fn sigmas(&self) -> &[f64] {
+            &self.schedule.sigmas
+        }
+
+        fn step_index(&self) -> usize {
+            self.schedule.step_index
+        }
+    };
+}
+pub(crate) use schedule_accessors;
 
 /// Shared bookkeeping for the step counter and timestep check.
 #[derive(Debug, Clone, Default)]

@@ -3,7 +3,7 @@
 
 use crate::config::{FinalSigmas, UniPcConfig};
 use crate::math::{flow_alpha_sigma, lambda, solve, unipc_flow_sigmas};
-use crate::{SchedError, Schedule, Scheduler};
+use crate::{schedule_accessors, SchedError, Schedule, Scheduler, Stepped};
 use burn::tensor::{backend::Backend, Tensor};
 
 const CLASS: &str = "UniPCMultistepScheduler";
@@ -96,14 +96,16 @@ impl<B: Backend, const D: usize> UniPcScheduler<B, D> {
         (rks, d1s)
     }
 
-    /// UniP: the predictor from sigma[idx] to sigma[idx + 1].
-    fn predict(&self, x: Tensor<B, D>, order: usize, idx: usize) -> Tensor<B, D> {
+    /// What UniP and UniC both start from for the step from sigma[`from`] to sigma[`to`]: the
+    /// flow alphas and sigmas, the history's differences, the B(h) coefficients and the newest
+    /// output. Earlier output `i` sits at sigma[`from` - i].
+    fn terms(&self, from: usize, to: usize, order: usize) -> Terms<B, D> {
         let sig = &self.schedule.sigmas;
-        let (alpha_t, sigma_t) = flow_alpha_sigma(sig[idx + 1]);
-        let (_, sigma_s0) = flow_alpha_sigma(sig[idx]);
-        let lambda_s0 = lambda(sig[idx]);
-        let h = lambda(sig[idx + 1]) - lambda_s0;
-        let (rks, d1s) = self.history(order, lambda_s0, h, |i| idx - i);
+        let (alpha_t, sigma_t) = flow_alpha_sigma(sig[to]);
+        let (_, sigma_s0) = flow_alpha_sigma(sig[from]);
+        let lambda_s0 = lambda(sig[from]);
+        let h = lambda(sig[to]) - lambda_s0;
+        let (rks, d1s) = self.history(order, lambda_s0, h, |i| from - i);
         let c = self.coefficients(h, rks, order);
         let m0 = self
             .model_outputs
@@ -111,53 +113,65 @@ impl<B: Backend, const D: usize> UniPcScheduler<B, D> {
             .cloned()
             .flatten()
             .expect("newest output is set");
+        Terms {
+            alpha_t,
+            sigma_t,
+            sigma_s0,
+            d1s,
+            c,
+            m0,
+        }
+    }
 
-        let mut x_t = x.mul_scalar((sigma_t / sigma_s0) as f32) - m0.mul_scalar((alpha_t * c.h_phi_1) as f32);
+    /// UniP: the predictor from sigma[idx] to sigma[idx + 1].
+    fn predict(&self, x: Tensor<B, D>, order: usize, idx: usize) -> Tensor<B, D> {
+        let terms = self.terms(idx, idx + 1, order);
+
+        let mut x_t = x.mul_scalar((terms.sigma_t / terms.sigma_s0) as f32)
+            - terms.m0.mul_scalar((terms.alpha_t * terms.c.h_phi_1) as f32);
         // With no history the correction term is exactly zero. diffusers still multiplies it by
         // B(h), which is -inf for bh1 at a zero final sigma and turns the sample into NaN.
-        if !d1s.is_empty() {
+        if !terms.d1s.is_empty() {
             let rhos_p = if order == 2 {
                 vec![0.5]
             } else {
-                solve(Self::r_matrix(&c.rks, order - 1), c.b[..order - 1].to_vec())
+                solve(Self::r_matrix(&terms.c.rks, order - 1), terms.c.b[..order - 1].to_vec())
             };
-            let pred_res = weighted_sum(&rhos_p, d1s);
-            x_t = x_t - pred_res.mul_scalar((alpha_t * c.b_h) as f32);
+            let pred_res = weighted_sum(&rhos_p, terms.d1s);
+            x_t = x_t - pred_res.mul_scalar((terms.alpha_t * terms.c.b_h) as f32);
         }
         x_t
     }
 
     /// UniC: corrects the sample at sigma[idx] using the model's output there.
     fn correct(&self, model_t: Tensor<B, D>, last_sample: Tensor<B, D>, order: usize, idx: usize) -> Tensor<B, D> {
-        let sig = &self.schedule.sigmas;
-        let (alpha_t, sigma_t) = flow_alpha_sigma(sig[idx]);
-        let (_, sigma_s0) = flow_alpha_sigma(sig[idx - 1]);
-        let lambda_s0 = lambda(sig[idx - 1]);
-        let h = lambda(sig[idx]) - lambda_s0;
-        let (rks, d1s) = self.history(order, lambda_s0, h, |i| idx - (i + 1));
-        let c = self.coefficients(h, rks, order);
-        let m0 = self
-            .model_outputs
-            .last()
-            .cloned()
-            .flatten()
-            .expect("newest output is set");
+        let terms = self.terms(idx - 1, idx, order);
 
         let rhos_c = if order == 1 {
             vec![0.5]
         } else {
-            solve(Self::r_matrix(&c.rks, order), c.b.clone())
+            solve(Self::r_matrix(&terms.c.rks, order), terms.c.b.clone())
         };
-        let x_t_ =
-            last_sample.mul_scalar((sigma_t / sigma_s0) as f32) - m0.clone().mul_scalar((alpha_t * c.h_phi_1) as f32);
-        let d1_t = (model_t - m0).mul_scalar(rhos_c[order - 1] as f32);
-        let corr = if d1s.is_empty() {
+        let x_t_ = last_sample.mul_scalar((terms.sigma_t / terms.sigma_s0) as f32)
+            - terms.m0.clone().mul_scalar((terms.alpha_t * terms.c.h_phi_1) as f32);
+        let d1_t = (model_t - terms.m0).mul_scalar(rhos_c[order - 1] as f32);
+        let corr = if terms.d1s.is_empty() {
             d1_t
         } else {
-            weighted_sum(&rhos_c[..order - 1], d1s) + d1_t
+            weighted_sum(&rhos_c[..order - 1], terms.d1s) + d1_t
         };
-        x_t_ - corr.mul_scalar((alpha_t * c.b_h) as f32)
+        x_t_ - corr.mul_scalar((terms.alpha_t * terms.c.b_h) as f32)
     }
+}
+
+/// The shared start of a UniP or UniC update (see `UniPcScheduler::terms`).
+struct Terms<B: Backend, const D: usize> {
+    alpha_t: f64,
+    sigma_t: f64,
+    sigma_s0: f64,
+    d1s: Vec<Tensor<B, D>>,
+    c: BhCoefficients,
+    m0: Tensor<B, D>,
 }
 
 /// `sum_k w[k] * t[k]` (diffusers' `einsum("k,bkc...->bc...")`).
@@ -187,28 +201,13 @@ impl<B: Backend, const D: usize> Scheduler<B, D> for UniPcScheduler<B, D> {
         Ok(())
     }
 
-    fn timesteps(&self) -> &[f64] {
-        &self.schedule.timesteps
-    }
-
-    fn sigmas(&self) -> &[f64] {
-        &self.schedule.sigmas
-    }
+    schedule_accessors!();
 
     fn order(&self) -> usize {
         self.config.solver_order
     }
 
-    fn step_index(&self) -> usize {
-        self.schedule.step_index
-    }
-
-    fn step(
-        &mut self,
-        model_output: Tensor<B, D>,
-        timestep: f64,
-        sample: Tensor<B, D>,
-    ) -> Result<Tensor<B, D>, SchedError> {
+    fn step(&mut self, model_output: Tensor<B, D>, timestep: f64, sample: Tensor<B, D>) -> Stepped<B, D> {
         let idx = self.schedule.begin_step(CLASS, timestep)?;
         let n = self.schedule.timesteps.len();
         let order = self.config.solver_order;
