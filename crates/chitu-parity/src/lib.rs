@@ -160,6 +160,27 @@ impl fmt::Display for CaseReport {
     }
 }
 
+/// The committed fixture folder (`tests/fixtures/parity` at the workspace root).
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/parity")
+}
+
+/// Runs every committed fixture case whose name starts with one of `prefixes` on burn-flex, and
+/// panics with the report of each one that fails: how each crate's own tests check its kinds.
+pub fn assert_cases_pass(prefixes: &[&str]) {
+    let prefixes: Vec<String> = prefixes.iter().map(|p| p.to_string()).collect();
+    let names = list_cases(&fixtures(), &prefixes).unwrap_or_else(|e| panic!("listing the fixture cases: {e}"));
+    assert!(!names.is_empty(), "no fixture case starts with {prefixes:?}");
+    let device = Default::default();
+    let failed: Vec<String> = names
+        .iter()
+        .map(|name| run_case::<burn_flex::Flex>(&fixtures(), name, &device))
+        .filter(|report| !report.passed())
+        .map(|report| report.to_string())
+        .collect();
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+}
+
 /// The names of the cases under `root/cases` that start with one of `prefixes` (all if empty), sorted.
 pub fn list_cases(root: &Path, prefixes: &[String]) -> Result<Vec<String>, ParityError> {
     let dir = root.join("cases");

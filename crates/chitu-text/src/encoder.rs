@@ -1,8 +1,9 @@
 //! The UMT5 encoder (transformers' `UMT5EncoderModel`): T5 blocks with a relative position bias
-//! of their own in every layer. Modules are named after Wan's `t5.py`; see `load.rs` for the
+//! of their own in every layer, and `TextEncoder`, the tokenizer and encoder together as the
+//! pipeline calls them. Modules are named after Wan's `t5.py`; see `load.rs` for the
 //! transformers key table.
 
-use crate::{TextError, Umt5Config};
+use crate::{Encoded, T5Tokenizer, TextError, Umt5Config};
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig};
 use burn::tensor::activation::sigmoid;
@@ -238,6 +239,53 @@ impl<B: Backend> Umt5Encoder<B> {
             device,
         ))
     }
+}
+
+/// Tokenizer plus encoder: everything between a prompt and the DiT's text states.
+pub struct TextEncoder<B: Backend> {
+    /// The T5 tokenizer.
+    pub tokenizer: T5Tokenizer,
+    /// The UMT5 encoder.
+    pub encoder: Umt5Encoder<B>,
+    device: B::Device,
+}
+
+impl<B: Backend> TextEncoder<B> {
+    /// Pairs a tokenizer with an encoder on `device`.
+    pub fn new(tokenizer: T5Tokenizer, encoder: Umt5Encoder<B>, device: B::Device) -> Self {
+        Self {
+            tokenizer,
+            encoder,
+            device,
+        }
+    }
+
+    /// Tokenizes `prompts` and runs the encoder: ids and mask, and the last hidden state
+    /// `[B, max_len, d_model]` (padding positions included, as transformers returns them).
+    pub fn encode(&self, prompts: &[&str], max_len: usize) -> Result<(Encoded, Tensor<B, 3>), TextError> {
+        let enc = self.tokenizer.encode(prompts, max_len)?;
+        let hidden = self.encoder.forward(&enc.ids, &enc.mask, enc.batch, &self.device)?;
+        Ok((enc, hidden))
+    }
+
+    /// The prompt embeddings diffusers' WanPipeline gives the DiT: encoder states of each prompt's
+    /// true tokens, exactly zero past them, `[B, max_len, d_model]`.
+    pub fn encode_prompt(&self, prompts: &[&str], max_len: usize) -> Result<Tensor<B, 3>, TextError> {
+        let (enc, hidden) = self.encode(prompts, max_len)?;
+        Ok(trim_to_mask(hidden, &enc, &self.device))
+    }
+}
+
+/// Zeroes every position past each row's true length.
+pub(crate) fn trim_to_mask<B: Backend>(hidden: Tensor<B, 3>, enc: &Encoded, device: &B::Device) -> Tensor<B, 3> {
+    let keep: Vec<f32> = (0..enc.batch)
+        .flat_map(|i| {
+            let n = enc.len(i);
+            (0..enc.max_len).map(move |j| if j < n { 1.0 } else { 0.0 })
+        })
+        .collect();
+    let keep = Tensor::<B, 2>::from_data(TensorData::new(keep, [enc.batch, enc.max_len]), device);
+    hidden * keep.unsqueeze_dim(2)
 }
 
 #[cfg(test)]

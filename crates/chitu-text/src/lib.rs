@@ -24,8 +24,8 @@ mod load;
 mod tokenizer;
 
 pub use config::Umt5Config;
-pub use encoder::{relative_position_bucket, Umt5Block, Umt5Encoder};
-pub use load::{TextEncoder, TextLayout, TokenTable};
+pub use encoder::{relative_position_bucket, TextEncoder, Umt5Block, Umt5Encoder};
+pub use load::{TextLayout, TokenTable};
 pub use tokenizer::{clean_prompt, Encoded, T5Tokenizer};
 
 /// Errors from the tokenizer or the encoder.

@@ -1,8 +1,8 @@
-//! Loading the text side of a Wan model, and the pipeline's `encode_prompt`.
+//! Loading the text side of a Wan model: the key tables of both layouts and the folder loaders.
 
-use crate::{Encoded, T5Tokenizer, TextError, Umt5Config, Umt5Encoder};
+use crate::{T5Tokenizer, TextEncoder, TextError, Umt5Config, Umt5Encoder};
 use burn::nn::EmbeddingConfig;
-use burn::tensor::{backend::Backend, Tensor, TensorData};
+use burn::tensor::backend::Backend;
 use chitu_store::{load_strict_leaving, read_json, weight_files, FileRows};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -117,25 +117,7 @@ impl<B: Backend> Umt5Encoder<B> {
     }
 }
 
-/// Tokenizer plus encoder: everything between a prompt and the DiT's text states.
-pub struct TextEncoder<B: Backend> {
-    /// The T5 tokenizer.
-    pub tokenizer: T5Tokenizer,
-    /// The UMT5 encoder.
-    pub encoder: Umt5Encoder<B>,
-    device: B::Device,
-}
-
 impl<B: Backend> TextEncoder<B> {
-    /// Pairs a tokenizer with an encoder on `device`.
-    pub fn new(tokenizer: T5Tokenizer, encoder: Umt5Encoder<B>, device: B::Device) -> Self {
-        Self {
-            tokenizer,
-            encoder,
-            device,
-        }
-    }
-
     /// Loads `tokenizer/tokenizer.json` and `text_encoder/` of a diffusers pipeline folder.
     pub fn from_pipeline_dir(dir: impl AsRef<Path>, device: &B::Device) -> Result<Self, TextError> {
         let dir = dir.as_ref();
@@ -157,31 +139,4 @@ impl<B: Backend> TextEncoder<B> {
             Umt5Encoder::new(config, device)?.load_weights(&[checkpoint.as_ref().to_owned()], TextLayout::Wan)?;
         Ok(Self::new(tokenizer, encoder, device.clone()))
     }
-
-    /// Tokenizes `prompts` and runs the encoder: ids and mask, and the last hidden state
-    /// `[B, max_len, d_model]` (padding positions included, as transformers returns them).
-    pub fn encode(&self, prompts: &[&str], max_len: usize) -> Result<(Encoded, Tensor<B, 3>), TextError> {
-        let enc = self.tokenizer.encode(prompts, max_len)?;
-        let hidden = self.encoder.forward(&enc.ids, &enc.mask, enc.batch, &self.device)?;
-        Ok((enc, hidden))
-    }
-
-    /// The prompt embeddings diffusers' WanPipeline gives the DiT: encoder states of each prompt's
-    /// true tokens, exactly zero past them, `[B, max_len, d_model]`.
-    pub fn encode_prompt(&self, prompts: &[&str], max_len: usize) -> Result<Tensor<B, 3>, TextError> {
-        let (enc, hidden) = self.encode(prompts, max_len)?;
-        Ok(trim_to_mask(hidden, &enc, &self.device))
-    }
-}
-
-/// Zeroes every position past each row's true length.
-pub(crate) fn trim_to_mask<B: Backend>(hidden: Tensor<B, 3>, enc: &Encoded, device: &B::Device) -> Tensor<B, 3> {
-    let keep: Vec<f32> = (0..enc.batch)
-        .flat_map(|i| {
-            let n = enc.len(i);
-            (0..enc.max_len).map(move |j| if j < n { 1.0 } else { 0.0 })
-        })
-        .collect();
-    let keep = Tensor::<B, 2>::from_data(TensorData::new(keep, [enc.batch, enc.max_len]), device);
-    hidden * keep.unsqueeze_dim(2)
 }

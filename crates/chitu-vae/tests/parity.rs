@@ -1,0 +1,7 @@
+//! This crate's parity cases: the VAE encode and decode references in the committed fixtures, made with
+//! diffusers/transformers, at their own tolerances.
+
+#[test]
+fn vae_encode_and_decode_cases_match_the_references() {
+    chitu_parity::assert_cases_pass(&["vae_"]);
+}
