@@ -228,6 +228,57 @@ fn bf16_weights_load_into_f32() {
     assert!(e > 0.0 && e < 2e-2, "rel_l2 {e}");
 }
 
+/// The load errors are typed all the way up, so a caller can act on what is wrong.
+#[test]
+fn a_caller_can_match_on_what_is_wrong_with_a_checkpoint() {
+    use chitu::dit::DitError;
+    use chitu::pipeline::{DiffusionBackend, GenError};
+    use chitu::store::LoadError;
+    let src = fixtures().join("models/wan21/transformer");
+    let tensors = read_all(&src.join("diffusion_pytorch_model.safetensors"));
+    let load = |t: &[(String, Dtype, Vec<usize>, Vec<u8>)]| {
+        WanTransformer::<B>::from_dir(folder_with(&src, t).path(), &default_device()).unwrap_err()
+    };
+
+    let without: Vec<_> = tensors.iter().filter(|t| t.0 != "proj_out.weight").cloned().collect();
+    match load(&without) {
+        DitError::Load(LoadError::MissingKeys { keys, unexpected, .. }) => {
+            assert_eq!((keys, unexpected.len()), (vec!["proj_out.weight".to_string()], 0))
+        }
+        other => panic!("expected MissingKeys, got {other:?}"),
+    }
+    let mut extra = tensors.clone();
+    extra.push(("blocks.0.mystery.weight".into(), Dtype::F32, vec![2], vec![0; 8]));
+    match load(&extra) {
+        DitError::Load(LoadError::UnexpectedKeys { keys, .. }) => {
+            assert!(
+                keys.len() == 1 && keys[0].starts_with("blocks.0.mystery.weight"),
+                "{keys:?}"
+            )
+        }
+        other => panic!("expected UnexpectedKeys, got {other:?}"),
+    }
+    let misshapen: Vec<_> = tensors
+        .iter()
+        .map(|t| match t.0 == "proj_out.bias" {
+            true => (t.0.clone(), t.1, vec![32], t.3[..128].to_vec()),
+            false => t.clone(),
+        })
+        .collect();
+    match load(&misshapen) {
+        DitError::Load(LoadError::Shape { key, got, .. }) => {
+            assert_eq!((key.as_str(), got), ("proj_out.bias", vec![32]))
+        }
+        other => panic!("expected Shape, got {other:?}"),
+    }
+    // The generator wraps the same error: a missing folder file is the store's `Io`, with its path.
+    match DiffusionBackend::<B>::from_dir(fixtures().join("models/nonexistent"), &default_device()) {
+        Err(GenError::Store(LoadError::Io { path, .. })) => assert!(path.ends_with("model_index.json"), "{path:?}"),
+        Err(other) => panic!("expected Store(Io), got {other:?}"),
+        Ok(_) => panic!("loaded a folder that does not exist"),
+    }
+}
+
 #[test]
 fn missing_unexpected_and_misshapen_keys_are_listed() {
     let src = fixtures().join("models/wan21/transformer");
