@@ -29,9 +29,26 @@ fn layouts() -> Vec<Layout> {
         .collect()
 }
 
+/// A model each rank builds for itself.
+enum Model {
+    /// A fixture folder.
+    Dir(PathBuf),
+    /// The embedded tiny model, whose weights come from a seeded RNG.
+    Embedded,
+}
+
+impl Model {
+    fn load(&self) -> Result<DiffusionBackend<B>, chitu::pipeline::GenError> {
+        match self {
+            Model::Dir(dir) => DiffusionBackend::<B>::from_dir(dir, &default_device()),
+            Model::Embedded => DiffusionBackend::<B>::embedded_tiny(&default_device()),
+        }
+    }
+}
+
 /// Final latents of `params` from `initial` on `layout` (every rank's must agree bit for bit).
 fn final_latents(
-    model: &Path,
+    model: &Model,
     params: &DiffusionUserParams,
     initial: &[f32],
     shape: [usize; 5],
@@ -46,7 +63,7 @@ fn final_latents(
         }
         Ok(host(task.latents().cloned().unwrap()))
     };
-    let backend = || DiffusionBackend::<B>::from_dir(model, &default_device());
+    let backend = || model.load();
     if layout.world() == 1 {
         return run(Generator::new(backend().unwrap())).unwrap();
     }
@@ -61,16 +78,21 @@ fn final_latents(
     outs.into_iter().next().unwrap()
 }
 
-fn case_input(name: &str) -> (PathBuf, DiffusionUserParams, Vec<f32>, [usize; 5]) {
+fn case_input(name: &str) -> (Model, DiffusionUserParams, Vec<f32>, [usize; 5]) {
     let case = Case::load(&root(), name).unwrap();
     let model = root().join(case.field("model").unwrap().as_str().unwrap());
     let params = pipeline::params(&case).unwrap();
     let init = case.tensor("initial_latents").unwrap();
     let shape = chitu_parity::tensors::fold_shape::<5>(&init.shape);
-    (model, params, init.as_f32("initial_latents").unwrap().to_vec(), shape)
+    (
+        Model::Dir(model),
+        params,
+        init.as_f32("initial_latents").unwrap().to_vec(),
+        shape,
+    )
 }
 
-fn check_every_layout(model: &Path, params: &DiffusionUserParams, init: &[f32], shape: [usize; 5]) {
+fn check_every_layout(model: &Model, params: &DiffusionUserParams, init: &[f32], shape: [usize; 5]) {
     let single = final_latents(model, params, init, shape, Layout::SINGLE);
     for layout in layouts() {
         let par = final_latents(model, params, init, shape, layout);
@@ -83,6 +105,23 @@ fn check_every_layout(model: &Path, params: &DiffusionUserParams, init: &[f32], 
 fn parity_model_pipeline_matches_one_device_on_every_layout() {
     let (model, params, init, shape) = case_input("pipeline_t2v_wan21");
     check_every_layout(&model, &params, &init, shape);
+}
+
+/// Every rank builds the embedded model from the same seed: all get the same weights, so a
+/// parallel run of the README's first command equals one device.
+#[test]
+fn the_embedded_model_matches_one_device_on_every_layout() {
+    let params = DiffusionUserParams {
+        num_inference_steps: 3,
+        ..DiffusionUserParams::tiny("A cat walking on grass")
+    };
+    let shape = params.latent_shape(16);
+    let init = host(chitu::pipeline::seeded_noise::<B>(
+        params.seed,
+        shape,
+        &default_device(),
+    ));
+    check_every_layout(&Model::Embedded, &params, &init, shape);
 }
 
 #[test]
@@ -159,8 +198,7 @@ fn only_the_output_rank_decodes_the_video() {
     };
     let decoded = run_local(4, |world| {
         let dev = default_device();
-        let gen = Generator::new(DiffusionBackend::<B>::from_dir(&model, &dev)?)
-            .with_mesh(Mesh::new(world, Layout::new(2, 2)?)?);
+        let gen = Generator::new(model.load()?).with_mesh(Mesh::new(world, Layout::new(2, 2)?)?);
         let init = Tensor::<B, 1>::from_floats(init.as_slice(), &dev).reshape(shape);
         let task = gen.run(DiffusionTask::<B>::from_user_request(params.clone())?.with_initial_latents(init))?;
         Ok((gen.is_output_rank(), task.video().is_some(), task.is_finished()))
@@ -182,8 +220,7 @@ fn a_rank_failing_mid_run_stops_the_others_with_a_clear_error() {
     let (model, params, init, shape) = case_input("pipeline_t2v_wan21");
     let e = run_local(2, |world| {
         let dev = default_device();
-        let gen = Generator::new(DiffusionBackend::<B>::from_dir(&model, &dev)?)
-            .with_mesh(Mesh::new(world.clone(), Layout::new(1, 2)?)?);
+        let gen = Generator::new(model.load()?).with_mesh(Mesh::new(world.clone(), Layout::new(1, 2)?)?);
         let init = Tensor::<B, 1>::from_floats(init.as_slice(), &dev).reshape(shape);
         let mut task = DiffusionTask::<B>::from_user_request(params.clone())?.with_initial_latents(init);
         for _ in 0..3 {

@@ -20,12 +20,18 @@ pub fn run(default_params: impl Fn(String) -> DiffusionUserParams) -> Result<(),
     let Some(dir) = &args.model.model_dir else {
         return Err("usage: --model-dir DIR --prompt TEXT [--steps N] [--low-mem 0-3] ...".into());
     };
-    // The request is validated before the (slow) load.
-    let params = args.request.params(default_params(String::new()), args.model.low_mem)?;
+    // The request and the output folder are checked before the (slow) load.
+    let mut requests = args.request.requests()?;
+    if requests.len() != 1 {
+        return Err("the model examples take one request; `chitu generate --prompts-file` runs many".into());
+    }
+    let request = requests.remove(0).args?;
+    let params = request.params(default_params(String::new()), args.model.low_mem)?;
     params.validate()?;
+    args.output.prepare()?;
     let generator = Generator::<B>::from_dir(dir, &default_device(), args.model.options())?;
     let video: Video = generator.generate(params)?;
-    let mut files = args.output.write(&video)?;
+    let mut files = args.output.write(&video, &video.stem())?;
     let json = args.output.out.join(format!("{}.json", video.stem()));
     Video::save_metadata(&json, &video.metadata(&files))?;
     files.push(json);

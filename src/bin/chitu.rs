@@ -1,12 +1,13 @@
 //! `chitu generate`: text to video with a Wan model folder, or with the embedded tiny model.
 
-use chitu::cli::{hint, JobArgs};
+use chitu::cli::{hint, CliError, JobArgs, Request};
 use chitu::dist::{run_local_with, Communicator, Layout, Mesh};
 use chitu::pipeline::{CacheCheck, DiffusionTask, DiffusionUserParams, GenError, Generator, Stage, Video};
 use chitu::{default_device, rank_device, DefaultBackend as B};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 #[derive(Parser)]
@@ -48,6 +49,8 @@ type AnyError = Box<dyn std::error::Error + Send + Sync>;
 /// Runs one rank per device: under `mpirun` this process is one rank of the MPI world;
 /// otherwise `--cfg-parallel x --cp` ranks run as threads of this process.
 fn run(args: GenerateArgs) -> Result<(), AnyError> {
+    // Before any work: a folder that cannot take the outputs fails now, not after the run.
+    args.job.output.prepare()?;
     let timeout = std::time::Duration::from_secs(args.rank_timeout);
     #[cfg(feature = "mpi")]
     if chitu::dist::MpiComm::launched() {
@@ -106,17 +109,47 @@ fn collective_world(
     }
 }
 
-/// One rank's whole run: load, build the request, generate, and (on the output rank) write.
+/// One rank's whole run: load once, then for each request build it, generate, and (on the output
+/// rank) write. Under `--prompts-file` a failed request is reported and the next one runs.
 fn run_rank(args: &GenerateArgs, parallel: Option<(Arc<dyn Communicator>, Layout)>) -> Result<(), AnyError> {
-    let (generator, params) = load(args, parallel)?;
-    let (task, check) = generate(args, &generator, params)?;
-    if generator.is_output_rank() {
-        write(args, &generator, task, check)?;
+    let (generator, defaults) = load(args, parallel)?;
+    let mut failed = Vec::new();
+    let requests = args.job.request.requests()?;
+    let total = requests.len();
+    for Request { line, args: request } in requests {
+        let one = || -> Result<(), AnyError> {
+            let params = request?.params(defaults.clone(), args.job.model.low_mem)?;
+            let (task, check) = generate(args, &generator, params)?;
+            if generator.is_output_rank() {
+                write(args, &generator, task, check, line)?;
+            }
+            Ok(())
+        };
+        match (one(), line) {
+            (Ok(()), _) => {}
+            (Err(e), Some(line)) if !is_interrupt(&e) => {
+                if generator.is_output_rank() {
+                    eprintln!("request on line {line}: error: {e}");
+                }
+                failed.push(line);
+            }
+            (Err(e), _) => return Err(e),
+        }
+    }
+    if !failed.is_empty() {
+        return Err(format!("{} of {total} requests failed, on lines {failed:?}", failed.len()).into());
     }
     Ok(())
 }
 
-/// The generator of this rank (on its device, in its mesh) and the request it runs.
+fn is_interrupt(e: &AnyError) -> bool {
+    matches!(e.downcast_ref::<CliError>(), Some(CliError::Interrupted(_)))
+}
+
+/// Set by Ctrl-C; the run stops at the next step boundary.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// The generator of this rank (on its device, in its mesh) and the model's request defaults.
 fn load(
     args: &GenerateArgs,
     parallel: Option<(Arc<dyn Communicator>, Layout)>,
@@ -135,12 +168,11 @@ fn load(
         eprintln!("no --model-dir: using the embedded tiny model (random weights: it shows the pipeline, not quality)");
     }
     let (backend, defaults) = args.job.model.load::<B>(&device, DiffusionUserParams::new)?;
-    let params = args.job.request.params(defaults, args.job.model.low_mem)?;
     let generator = match mesh {
         Some(mesh) => Generator::new(backend).with_mesh(mesh),
         None => Generator::new(backend),
     };
-    Ok((generator, params))
+    Ok((generator, defaults))
 }
 
 /// Runs the request step by step under a progress bar, then the cache check when asked.
@@ -150,6 +182,11 @@ fn generate(
     params: DiffusionUserParams,
 ) -> Result<(DiffusionTask<B>, Option<CacheCheck>), AnyError> {
     let mut task = DiffusionTask::<B>::from_user_request(params)?;
+    // Refused here, before any tensor exists, rather than part-way through.
+    generator.backend.check_request(task.params())?;
+    if generator.is_output_rank() {
+        eprintln!("{}", describe(task.params(), &generator));
+    }
     let bar = match generator.is_output_rank() {
         true => ProgressBar::new(task.params().num_inference_steps as u64),
         false => ProgressBar::hidden(),
@@ -164,6 +201,14 @@ fn generate(
             Stage::VaeDecode => "decode",
             Stage::Done => "done",
         });
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            bar.abandon();
+            let at = match task.stage() {
+                Stage::Denoise => format!("denoise step {}", task.step()),
+                other => format!("{other:?}"),
+            };
+            return Err(CliError::Interrupted(at).into());
+        }
         generator.generate_step(&mut task)?;
         bar.set_position(task.step() as u64);
     }
@@ -180,12 +225,35 @@ fn generate(
     Ok((task, check))
 }
 
-/// Reports the run and writes the video, the contact sheet and, last, the sidecar.
+/// The resolved request, printed before it starts.
+fn describe(p: &DiffusionUserParams, generator: &Generator<B>) -> String {
+    let solver = match p.solver {
+        Some(s) => format!("{s:?}"),
+        None => "the folder's scheduler".into(),
+    };
+    let pixels = p.height * p.width * p.num_frames * 3;
+    format!(
+        "generating {}x{}, {} frames, {} steps, guidance {}, {solver}, seed {}, low-mem {}, on {} ({:.1} MiB of video as f32)",
+        p.width,
+        p.height,
+        p.num_frames,
+        p.num_inference_steps,
+        p.guidance_scale,
+        p.seed,
+        generator.backend.memory(p.low_mem).0,
+        generator.backend.name,
+        (pixels * 4) as f64 / (1 << 20) as f64
+    )
+}
+
+/// Reports the run and writes the video, the contact sheet and, last, the sidecar; a request
+/// from line `line` of a prompts file is named after it.
 fn write(
     args: &GenerateArgs,
     generator: &Generator<B>,
     task: DiffusionTask<B>,
     check: Option<CacheCheck>,
+    line: Option<usize>,
 ) -> Result<(), AnyError> {
     let t = task.timings();
     eprintln!(
@@ -205,8 +273,12 @@ fn write(
         eprintln!("{check}");
     }
     let video = Video::from_task(task, &args.job.model.name())?;
-    let mut files = args.job.output.write(&video)?;
-    let json = args.job.output.out.join(format!("{}.json", video.stem()));
+    let stem = match line {
+        Some(line) => format!("line{line:04}_{}", video.stem()),
+        None => video.stem(),
+    };
+    let mut files = args.job.output.write(&video, &stem)?;
+    let json = args.job.output.out.join(format!("{stem}.json"));
     let mut meta = video.metadata(&files);
     if let Some(mesh) = generator.mesh() {
         meta["parallel"] = serde_json::json!({ "cfg": mesh.layout.cfg, "cp": mesh.layout.cp });
@@ -234,6 +306,16 @@ fn write(
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The first Ctrl-C stops at the next step boundary; a second one ends the process at once.
+    let handler = ctrlc::set_handler(|| {
+        if INTERRUPTED.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupted: stopping at the next step boundary (Ctrl-C again to quit now)");
+    });
+    if let Err(e) = handler {
+        eprintln!("warning: no Ctrl-C handler ({e}); Ctrl-C ends the run at once");
+    }
     let result = match cli.command {
         Command::Generate(args) => run(args),
     };

@@ -63,6 +63,37 @@ pub struct DiffusionBackend<B: Backend> {
     pub name: String,
     /// The memory level this backend keeps at least.
     pub memory: MemoryLevel,
+    /// The longest prompt the tokenizer is made for (its `model_max_length`; Wan's 512 when the
+    /// folder does not say).
+    pub text_max_len: usize,
+}
+
+/// Pixels per latent along each spatial axis (the Wan2.1 VAE's 8x).
+const VAE_SPATIAL: usize = 8;
+
+/// Wan's text length, for tokenizers that do not state theirs.
+const WAN_TEXT_LEN: usize = 512;
+
+/// The tokenizer's `model_max_length` from a `tokenizer_config.json` beside it, when it states
+/// a usable one (transformers writes a 1e30 sentinel for "no limit").
+fn text_max_len(tokenizer_dir: &Path) -> usize {
+    chitu_store::read_json(&tokenizer_dir.join("tokenizer_config.json"))
+        .ok()
+        .and_then(|c| c.get("model_max_length")?.as_u64())
+        .and_then(|n| usize::try_from(n).ok())
+        .filter(|&n| n > 0 && n <= 1 << 20)
+        .unwrap_or(WAN_TEXT_LEN)
+}
+
+/// A two-expert switch point must lie strictly between the ends of the schedule.
+fn check_boundary(path: &Path, boundary_ratio: Option<f64>) -> Result<(), GenError> {
+    match boundary_ratio {
+        Some(r) if !(r > 0.0 && r < 1.0) => Err(GenError::Folder {
+            path: path.to_path_buf(),
+            message: format!("boundary_ratio {r} must lie strictly between 0 and 1"),
+        }),
+        _ => Ok(()),
+    }
 }
 
 impl<B: Backend> DiffusionBackend<B> {
@@ -86,7 +117,14 @@ impl<B: Backend> DiffusionBackend<B> {
             .get("transformer_2")
             .and_then(|v| v.get(0))
             .is_some_and(|v| !v.is_null());
-        let boundary_ratio = index.get("boundary_ratio").and_then(|v| v.as_f64());
+        let boundary_ratio = match index.get("boundary_ratio") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(v) => Some(v.as_f64().ok_or_else(|| GenError::Folder {
+                path: index_path.clone(),
+                message: format!("boundary_ratio {v} is not a number"),
+            })?),
+        };
+        check_boundary(&index_path, boundary_ratio)?;
         if second != boundary_ratio.is_some() {
             return Err(GenError::Folder {
                 path: index_path,
@@ -118,6 +156,7 @@ impl<B: Backend> DiffusionBackend<B> {
             device: device.clone(),
             name: dir.display().to_string(),
             memory,
+            text_max_len: text_max_len(&dir.join("tokenizer")),
         })
     }
 
@@ -134,6 +173,7 @@ impl<B: Backend> DiffusionBackend<B> {
         options: LoadOptions,
     ) -> Result<Self, GenError> {
         let dir = dir.as_ref();
+        check_boundary(dir, config.boundary_ratio)?;
         let memory = MemoryLevel(options.low_mem);
         let t5 = find(
             dir,
@@ -179,12 +219,18 @@ impl<B: Backend> DiffusionBackend<B> {
             device: device.clone(),
             name: dir.display().to_string(),
             memory,
+            text_max_len: text_max_len(&dir.join("google/umt5-xxl")),
         })
     }
 
     /// The embedded tiny Wan2.1-shaped model: 2-layer UMT5 (d 32), 2-block DiT (dim 48),
     /// VAE of base width 8, UniPC with shift 3. Weights are random with a fixed seed.
     pub fn embedded_tiny(device: &B::Device) -> Result<Self, GenError> {
+        // The weights come from the backend's global RNG. Ranks that build their model at the
+        // same time (in-process CFG or CP ranks) would draw from it in turn and get different
+        // weights, so seeding and building is one step at a time.
+        static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one_at_a_time = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
         B::seed(device, TINY_WEIGHT_SEED);
         let tokenizer = T5Tokenizer::from_json_bytes(TINY_TOKENIZER.as_bytes())?;
         let text_config = Umt5Config {
@@ -221,7 +267,48 @@ impl<B: Backend> DiffusionBackend<B> {
             device: device.clone(),
             name: "embedded-tiny".into(),
             memory: MemoryLevel::default(),
+            text_max_len: WAN_TEXT_LEN,
         })
+    }
+
+    /// Refuses a request this model cannot run, before anything is allocated: a size the VAE and
+    /// patching do not divide, a grid beyond the DiT's RoPE tables, a text longer than the
+    /// tokenizer is made for, a low-noise guidance on a model without a second expert.
+    pub fn check_request(&self, params: &DiffusionUserParams) -> Result<(), GenError> {
+        // The config travels with a parked model too: checking never brings one back.
+        let dit = self.dit(0)?.shell();
+        let bad = |m: String| Err(GenError::Params(m));
+        let [pt, ph, pw] = dit.patch_size;
+        let (sy, sx) = (VAE_SPATIAL * ph, VAE_SPATIAL * pw);
+        if !params.height.is_multiple_of(sy) || !params.width.is_multiple_of(sx) {
+            return bad(format!(
+                "height {} and width {} must be multiples of {sy} and {sx} for this model",
+                params.height, params.width
+            ));
+        }
+        let [_, _, t, h, w] = params.latent_shape(self.vae.config.z_dim);
+        let grid = [t.div_ceil(pt), h / ph, w / pw];
+        if grid.iter().any(|&g| g > dit.rope_max_seq_len) {
+            return bad(format!(
+                "{}x{} with {} frames makes a token grid {grid:?}; this model's RoPE tables reach {} per axis (at most {} pixels per side, {} frames)",
+                params.height,
+                params.width,
+                params.num_frames,
+                dit.rope_max_seq_len,
+                dit.rope_max_seq_len * sy.min(sx),
+                (dit.rope_max_seq_len * pt - 1) * 4 + 1
+            ));
+        }
+        if params.max_sequence_length > self.text_max_len {
+            return bad(format!(
+                "max_sequence_length {} exceeds the tokenizer's model_max_length {}",
+                params.max_sequence_length, self.text_max_len
+            ));
+        }
+        if params.guidance_scale_2.is_some() && self.boundary_ratio.is_none() {
+            return bad("guidance_scale_2 sets the low-noise expert's guidance, and this model has one expert".into());
+        }
+        Ok(())
     }
 
     /// The memory level a request runs at: its own `low_mem`, or the backend's when higher.

@@ -1,10 +1,12 @@
 //! The file encoders behind the default `video` feature: H.264 in MP4 (openh264, built from its
 //! vendored C source) and PNG (image).
 
-use crate::video::{RgbFrames, VideoError, FPS};
+use crate::video::{write_atomically, RgbFrames, VideoError, FPS};
+use image::ImageEncoder;
 use openh264::encoder::{Encoder, EncoderConfig};
 use openh264::formats::{RgbSliceU8, YUVBuffer};
 use openh264::OpenH264API;
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 fn encode_err(path: &Path, e: impl std::fmt::Display) -> VideoError {
@@ -78,7 +80,6 @@ pub fn write_mp4(path: &Path, video: &RgbFrames) -> Result<(), VideoError> {
     let (sps, pps) = sps
         .zip(pps)
         .ok_or_else(|| encode_err(path, "the encoder gave no SPS/PPS"))?;
-    let file = std::fs::File::create(path).map_err(|e| VideoError::io(path, e))?;
     let config = mp4::Mp4Config {
         major_brand: str::parse("isom").expect("valid fourcc"),
         minor_version: 512,
@@ -88,8 +89,22 @@ pub fn write_mp4(path: &Path, video: &RgbFrames) -> Result<(), VideoError> {
             .collect(),
         timescale: 1000,
     };
-    let mut writer =
-        mp4::Mp4Writer::write_start(std::io::BufWriter::new(file), &config).map_err(|e| encode_err(path, e))?;
+    write_atomically(path, |file| {
+        let writer = mp4::Mp4Writer::write_start(BufWriter::new(file), &config).map_err(|e| encode_err(path, e))?;
+        write_samples(path, writer, w, h, sps, pps, samples)
+    })
+}
+
+/// The track and its samples, then the MP4's index; flushed, so that errors surface here.
+fn write_samples(
+    path: &Path,
+    mut writer: mp4::Mp4Writer<BufWriter<&mut std::fs::File>>,
+    w: usize,
+    h: usize,
+    sps: Vec<u8>,
+    pps: Vec<u8>,
+    samples: Vec<(Vec<u8>, bool)>,
+) -> Result<(), VideoError> {
     let timescale = FPS * 800;
     writer
         .add_track(&mp4::TrackConfig {
@@ -114,7 +129,8 @@ pub fn write_mp4(path: &Path, video: &RgbFrames) -> Result<(), VideoError> {
         };
         writer.write_sample(1, &sample).map_err(|e| encode_err(path, e))?;
     }
-    writer.write_end().map_err(|e| encode_err(path, e))
+    writer.write_end().map_err(|e| encode_err(path, e))?;
+    writer.into_writer().flush().map_err(|e| VideoError::io(path, e))
 }
 
 /// Writes all frames side by side in a grid (about square) as one PNG.
@@ -137,7 +153,16 @@ pub fn write_contact_sheet(path: &Path, video: &RgbFrames) -> Result<(), VideoEr
             }
         }
     }
-    sheet.save(path).map_err(|e| encode_err(path, e))
+    write_png(path, sheet.as_raw(), (cols * w) as u32, (rows * h) as u32)
+}
+
+/// Encodes an RGB image as PNG in memory, then writes it whole or not at all.
+fn write_png(path: &Path, rgb: &[u8], width: u32, height: u32) -> Result<(), VideoError> {
+    let mut png = Vec::new();
+    image::codecs::png::PngEncoder::new(&mut png)
+        .write_image(rgb, width, height, image::ExtendedColorType::Rgb8)
+        .map_err(|e| encode_err(path, e))?;
+    write_atomically(path, |file| file.write_all(&png).map_err(|e| VideoError::io(path, e)))
 }
 
 /// Writes every frame as `{stem}_{index:04}.png` in `dir`; returns the paths.
@@ -148,14 +173,7 @@ pub fn write_frame_pngs(dir: &Path, stem: &str, video: &RgbFrames) -> Result<Vec
         .enumerate()
         .map(|(i, frame)| {
             let path = dir.join(format!("{stem}_{i:04}.png"));
-            image::save_buffer(
-                &path,
-                frame,
-                video.width as u32,
-                video.height as u32,
-                image::ExtendedColorType::Rgb8,
-            )
-            .map_err(|e| encode_err(&path, e))?;
+            write_png(&path, frame, video.width as u32, video.height as u32)?;
             Ok(path)
         })
         .collect()

@@ -132,6 +132,11 @@ impl<B: Backend, M: Offload<B>> Offloaded<B, M> {
         Ok(slot)
     }
 
+    /// What rebuilds the model (its config), readable while it is parked.
+    pub fn shell(&self) -> &M::Shell {
+        &self.shell
+    }
+
     /// The model's name in errors and logs.
     pub fn name(&self) -> &str {
         &self.name

@@ -4,6 +4,11 @@ use crate::GenError;
 use chitu_cache::CacheConfig;
 use chitu_sched::SolverKind;
 
+/// The most values (height x width x frames x 3) a request may ask for: a 16k x 16k video of
+/// 1001 frames. Far beyond every Wan model; the model's own limits are checked at run time
+/// (`DiffusionBackend::check_request`).
+const MAX_VIDEO_ELEMENTS: usize = 16384 * 16384 * 1001 * 3;
+
 /// One text-to-video request (Chitu's `DiffusionUserParams`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct DiffusionUserParams {
@@ -82,6 +87,16 @@ impl DiffusionUserParams {
         }
         if self.num_frames == 0 || !(self.num_frames - 1).is_multiple_of(4) {
             return bad(format!("num_frames {} must be 4k+1 (1, 5, ..., 81)", self.num_frames));
+        }
+        // Every size product is checked, so an absurd request is an error, not an overflow.
+        let pixels = [self.width, self.num_frames, 3]
+            .iter()
+            .try_fold(self.height, |acc, &d| acc.checked_mul(d));
+        if pixels.is_none_or(|p| p > MAX_VIDEO_ELEMENTS) {
+            return bad(format!(
+                "{}x{} with {} frames is too large a video (more than {MAX_VIDEO_ELEMENTS} values)",
+                self.height, self.width, self.num_frames
+            ));
         }
         if self.num_inference_steps == 0 {
             return bad("num_inference_steps must be at least 1".into());

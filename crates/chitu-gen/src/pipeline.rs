@@ -123,6 +123,7 @@ impl<B: Backend> Generator<B> {
     /// Stage 1: the prompt embeddings, the scheduler and the starting latents.
     fn encode_stage(&self, task: &mut DiffusionTask<B>) -> Result<(), GenError> {
         let p = &task.params;
+        self.backend.check_request(p)?;
         let memory = self.backend.memory(p.low_mem);
         if memory.parks_dits() {
             // No DiT is active while the prompt is encoded.
@@ -131,11 +132,11 @@ impl<B: Backend> Generator<B> {
         // Under CFG parallelism each rank encodes only the prompt of its own branch.
         let branch = self.cfg_branch(p);
         let cond = match branch != Some(Branch::Uncond) {
-            true => Some(self.encode_text(&p.prompt, p.max_sequence_length)?),
+            true => Some(self.encode_checked(&p.prompt, p.max_sequence_length, "prompt")?),
             false => None,
         };
         let uncond = match p.cfg() && branch != Some(Branch::Cond) {
-            true => Some(self.encode_text(&p.negative_prompt, p.max_sequence_length)?),
+            true => Some(self.encode_checked(&p.negative_prompt, p.max_sequence_length, "negative prompt")?),
             false => None,
         };
         if memory.parks_text() {
@@ -170,6 +171,16 @@ impl<B: Backend> Generator<B> {
             .backend
             .text
             .with(|text| text.encode_prompt(&[prompt], max_len))??;
+        Ok(embeddings)
+    }
+
+    /// [`Generator::encode_text`], checked for NaN/Inf so that a broken text encoder is named as
+    /// such rather than blamed on the first denoise step.
+    fn encode_checked(&self, prompt: &str, max_len: usize, which: &str) -> Result<Tensor<B, 3>, GenError> {
+        let embeddings = self.encode_text(prompt, max_len)?;
+        if self.check_nan_enabled {
+            self.check_nan(&embeddings, &format!("the {which} embeddings from the text encoder"))?;
+        }
         Ok(embeddings)
     }
 
@@ -257,6 +268,7 @@ impl<B: Backend> Generator<B> {
         if params.cfg() && uncond.is_none() {
             return Err(GenError::Params("guidance_scale > 1 needs negative embeddings".into()));
         }
+        self.backend.check_request(params)?;
         let denoising = Denoising {
             cond: Some(cond),
             uncond: if params.cfg() { uncond } else { None },
@@ -290,6 +302,10 @@ impl<B: Backend> Generator<B> {
                     true => self.decode_vae_tiled(latents.clone())?,
                     false => self.decode_vae(latents.clone())?,
                 };
+                if self.check_nan_enabled {
+                    // A broken VAE would otherwise give a black video and exit 0.
+                    self.check_nan(&video, "the decoded video from the VAE")?;
+                }
                 Some(video)
             }
         };
@@ -343,7 +359,7 @@ impl<B: Backend> Generator<B> {
     }
 
     /// Fails if `tensor` holds NaN or Inf, naming where.
-    pub fn check_nan(&self, tensor: &Tensor<B, 5>, name: &str) -> Result<(), GenError> {
+    pub fn check_nan<const D: usize>(&self, tensor: &Tensor<B, D>, name: &str) -> Result<(), GenError> {
         let any = |t: Tensor<B, 1, burn::tensor::Bool>| t.int().into_scalar().elem::<i64>() != 0;
         let bad = any(tensor.clone().is_nan().any()) || any(tensor.clone().is_inf().any());
         if bad {

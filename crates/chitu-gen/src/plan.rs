@@ -72,6 +72,7 @@ impl<B: Backend> Generator<B> {
             };
             // Validates the stage's request before anything runs.
             p.validate()?;
+            self.backend.check_request(&p)?;
             if st.model >= self.backend.model_pool.len() {
                 return Err(GenError::Params(format!(
                     "stage {i} uses model {} of a pool of {}",

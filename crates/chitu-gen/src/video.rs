@@ -3,6 +3,7 @@
 
 use crate::{DiffusionTask, DiffusionUserParams, GenError, StageTimings};
 use burn::tensor::{backend::Backend, Tensor};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Frames per second of written videos (Wan's rate).
@@ -43,6 +44,32 @@ impl VideoError {
             source,
         }
     }
+}
+
+/// Writes a file whole or not at all: into a temporary name beside it, synced, then renamed.
+/// On any failure (a full disk, an encoder error) the temporary is removed and `path` is
+/// untouched, so a file that exists is complete.
+pub(crate) fn write_atomically(
+    path: &Path,
+    write: impl FnOnce(&mut std::fs::File) -> Result<(), VideoError>,
+) -> Result<(), VideoError> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.part-{}", std::process::id()));
+    let result = (|| {
+        let mut file = std::fs::File::create(&tmp).map_err(|e| VideoError::io(path, e))?;
+        write(&mut file)?;
+        file.sync_all().map_err(|e| VideoError::io(path, e))?;
+        drop(file);
+        std::fs::rename(&tmp, path).map_err(|e| VideoError::io(path, e))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 /// A finished generation: the frames, and the request, timings and model that made them.
@@ -96,7 +123,9 @@ impl Video {
     pub fn save_metadata(path: impl AsRef<Path>, metadata: &serde_json::Value) -> Result<(), VideoError> {
         let path = path.as_ref();
         let text = serde_json::to_string_pretty(metadata).unwrap_or_else(|_| unreachable!("a JSON value prints"));
-        std::fs::write(path, text).map_err(|e| VideoError::io(path, e))
+        write_atomically(path, |file| {
+            file.write_all(text.as_bytes()).map_err(|e| VideoError::io(path, e))
+        })
     }
 
     /// Writes the video as H.264 in an MP4 at [`FPS`].

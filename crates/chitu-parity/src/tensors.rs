@@ -153,7 +153,10 @@ pub fn rel_l2(out: &[f32], reference: &[f32]) -> f64 {
 /// Compares an output with its reference: shape and dtype must agree, integers exactly,
 /// floats by [`rel_l2`]. Returns the rel_l2 (0 for exact integer equality, +inf for any mismatch).
 pub fn compare(name: &str, out: &HostTensor, reference: &HostTensor) -> Result<f64, ParityError> {
-    if out.shape.iter().product::<usize>() != reference.shape.iter().product::<usize>() {
+    // Shapes first, ignoring only unit axes (a batch of one stored with or without its axis,
+    // which moves no element): the same elements in another layout are a different tensor.
+    let core = |s: &[usize]| s.iter().filter(|&&d| d != 1).copied().collect::<Vec<_>>();
+    if core(&out.shape) != core(&reference.shape) {
         return Err(ParityError::Case(format!(
             "output {name}: shape {:?} differs from reference {:?}",
             out.shape, reference.shape
@@ -187,6 +190,18 @@ mod tests {
         assert_eq!(rel_l2(&[1.0, 1.0], &[1.0, 1.0]), 0.0);
         assert!((rel_l2(&[1.1, 0.0], &[1.0, 0.0]) - 0.1).abs() < 1e-6);
         assert_eq!(rel_l2(&[3.0, 4.0], &[0.0, 0.0]), 5.0);
+    }
+
+    #[test]
+    fn a_reference_of_another_shape_is_refused_even_with_the_same_count() {
+        let video = |shape: Vec<usize>| HostTensor::f32(shape, vec![0.5; 1 * 5 * 32 * 32 * 3]);
+        let out = video(vec![1, 5, 32, 32, 3]);
+        let e = compare("frames", &out, &video(vec![1, 3, 5, 16, 64]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("shape") && e.contains("frames"), "{e}");
+        // Unit axes move no element: with or without the batch axis is the same tensor.
+        assert_eq!(compare("frames", &out, &video(vec![5, 32, 32, 3])).unwrap(), 0.0);
     }
 
     #[test]

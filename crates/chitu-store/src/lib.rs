@@ -152,6 +152,17 @@ pub fn weight_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>, LoadError> {
             .and_then(|m| m.as_object())
             .ok_or_else(|| LoadError::malformed(&index, "no weight_map object"))?;
         let names: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
+        // A model folder is untrusted input: a shard is a plain file name inside it, never a
+        // path that climbs out (`../../etc/passwd`) or starts elsewhere.
+        if let Some(bad) = names.iter().find(|n| {
+            let p = Path::new(n);
+            p.components().count() != 1 || !matches!(p.components().next(), Some(std::path::Component::Normal(_)))
+        }) {
+            return Err(LoadError::malformed(
+                &index,
+                format!("shard {bad:?} is not a file name inside the model folder"),
+            ));
+        }
         let files: Vec<PathBuf> = names.into_iter().map(|n| dir.join(n)).collect();
         if let Some(missing) = files.iter().find(|f| !f.exists()) {
             return Err(LoadError::malformed(
@@ -336,4 +347,36 @@ fn list<T: std::fmt::Display>(items: &[T]) -> String {
         s.push(format!("... and {} more", items.len() - SHOWN));
     }
     s.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn folder_with_index(weight_map: serde_json::Value) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let index = serde_json::json!({ "weight_map": weight_map });
+        std::fs::write(dir.path().join("m.safetensors.index.json"), index.to_string()).unwrap();
+        std::fs::write(dir.path().join("m-1.safetensors"), b"").unwrap();
+        dir
+    }
+
+    #[test]
+    fn shards_must_stay_inside_the_model_folder() {
+        for bad in [
+            "../../../../etc/passwd",
+            "/etc/passwd",
+            "sub/../../m-1.safetensors",
+            "..",
+        ] {
+            let dir = folder_with_index(serde_json::json!({ "a.weight": "m-1.safetensors", "b.weight": bad }));
+            let e = weight_files(dir.path(), "m").unwrap_err().to_string();
+            assert!(e.contains(bad) && e.contains("inside the model folder"), "{bad}: {e}");
+        }
+        let dir = folder_with_index(serde_json::json!({ "a.weight": "m-1.safetensors" }));
+        assert_eq!(
+            weight_files(dir.path(), "m").unwrap(),
+            vec![dir.path().join("m-1.safetensors")]
+        );
+    }
 }

@@ -2,6 +2,9 @@
 //! per concern: the model, the request, the outputs. The CLI's own wording (hints such as "try
 //! `--low-mem`") lives here, not in the library's errors.
 
+mod prompts;
+pub use prompts::Request;
+
 use crate::pipeline::{DiffusionBackend, DiffusionUserParams, GenError, LoadOptions, Video};
 use burn::tensor::backend::Backend;
 use chitu_cache::CacheConfig;
@@ -11,14 +14,11 @@ use std::path::PathBuf;
 /// Errors of turning arguments into a request, or of writing the outputs.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
-    /// `--solver` names no solver.
-    #[error("--solver: {0}")]
-    Solver(#[source] chitu_sched::SchedError),
     /// `--cache` or `--cache-threshold` is invalid.
     #[error("--cache: {0}")]
     Cache(#[source] chitu_cache::CacheError),
-    /// The output folder could not be created.
-    #[error("cannot create the output folder {}: {source}", path.display())]
+    /// The output folder cannot be created or written.
+    #[error("output folder {}: {source}", path.display())]
     OutDir {
         /// The folder.
         path: PathBuf,
@@ -26,6 +26,28 @@ pub enum CliError {
         #[source]
         source: std::io::Error,
     },
+    /// A prompt file cannot be read.
+    #[error("cannot read {}: {source}", path.display())]
+    PromptFile {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A line of `--prompts-file` is not a request.
+    #[error("{}:{line}: {message}", path.display())]
+    Line {
+        /// The file.
+        path: PathBuf,
+        /// The line, from 1.
+        line: usize,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// Ctrl-C stopped the run at a step boundary.
+    #[error("interrupted (Ctrl-C) before {0}; nothing was written")]
+    Interrupted(String),
     /// Generation or writing failed.
     #[error(transparent)]
     Gen(#[from] GenError),
@@ -79,12 +101,46 @@ impl ModelArgs {
     }
 }
 
+/// The solvers `--solver` picks by name, with Wan's settings. Without `--solver` a model
+/// folder's own scheduler config runs, which may name any of diffusers'
+/// `UniPCMultistepScheduler`, `DPMSolverMultistepScheduler` or `FlowMatchEulerDiscreteScheduler`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SolverArg {
+    /// UniPC, bh2, order 2 (Wan's default).
+    Unipc,
+    /// DPM-Solver++ order 2, midpoint.
+    #[value(name = "dpm++", alias = "dpmpp", alias = "dpm")]
+    DpmPlusPlus,
+    /// First-order flow-matching Euler.
+    Euler,
+}
+
+impl From<SolverArg> for SolverKind {
+    fn from(s: SolverArg) -> Self {
+        match s {
+            SolverArg::Unipc => SolverKind::UniPc,
+            SolverArg::DpmPlusPlus => SolverKind::DpmPlusPlus,
+            SolverArg::Euler => SolverKind::Euler,
+        }
+    }
+}
+
 /// What to generate: the request's fields, each left at the model's default when omitted.
 #[derive(Debug, Clone, clap::Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).multiple(false)))]
 pub struct RequestArgs {
     /// What to generate.
-    #[arg(long)]
-    pub prompt: String,
+    #[arg(long, group = "source")]
+    pub prompt: Option<String>,
+    /// Read the prompt from this file (for long prompts, or characters a shell mangles).
+    #[arg(long, group = "source")]
+    pub prompt_file: Option<PathBuf>,
+    /// One request per line, run in sequence with the model loaded once: a plain-text prompt,
+    /// or a JSON object with this command's flag names (`{"prompt": "...", "seed": 3}`); other
+    /// flags are the defaults. Each video is named after its line; a bad line fails only its
+    /// own request, and the run ends with the list of those that failed.
+    #[arg(long, group = "source")]
+    pub prompts_file: Option<PathBuf>,
     /// The unconditional prompt.
     #[arg(long, default_value = "")]
     pub negative_prompt: String,
@@ -109,9 +165,9 @@ pub struct RequestArgs {
     /// Seed of the initial noise.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// unipc, dpm++ or euler; the folder's scheduler when omitted.
-    #[arg(long)]
-    pub solver: Option<String>,
+    /// A solver by name, with Wan's settings; the folder's scheduler config when omitted.
+    #[arg(long, value_enum)]
+    pub solver: Option<SolverArg>,
     /// Flow shift; the folder's when omitted.
     #[arg(long)]
     pub shift: Option<f64>,
@@ -141,9 +197,8 @@ impl RequestArgs {
             }
             None => None,
         };
-        let solver = self.solver.as_deref().map(str::parse::<SolverKind>).transpose();
         Ok(DiffusionUserParams {
-            prompt: self.prompt.clone(),
+            prompt: self.prompt.clone().unwrap_or_default(),
             negative_prompt: self.negative_prompt.clone(),
             seed: self.seed,
             height: self.height.unwrap_or(base.height),
@@ -152,7 +207,7 @@ impl RequestArgs {
             num_inference_steps: self.steps.unwrap_or(base.num_inference_steps),
             guidance_scale: self.guidance.unwrap_or(base.guidance_scale),
             guidance_scale_2: self.guidance_2.or(base.guidance_scale_2),
-            solver: solver.map_err(CliError::Solver)?,
+            solver: self.solver.map(SolverKind::from),
             shift: self.shift.or(base.shift),
             max_sequence_length: self.max_sequence_length.unwrap_or(base.max_sequence_length),
             low_mem,
@@ -173,21 +228,30 @@ pub struct OutputArgs {
 }
 
 impl OutputArgs {
-    /// Writes the MP4 and the contact sheet (and the frames when asked) under `out`, named by
-    /// [`Video::stem`]; returns the paths. The caller writes the sidecar last.
-    pub fn write(&self, video: &Video) -> Result<Vec<PathBuf>, CliError> {
-        std::fs::create_dir_all(&self.out).map_err(|source| CliError::OutDir {
+    /// Creates the output folder and checks that it takes files, before any work starts.
+    pub fn prepare(&self) -> Result<(), CliError> {
+        let err = |source| CliError::OutDir {
             path: self.out.clone(),
             source,
-        })?;
-        let stem = video.stem();
+        };
+        std::fs::create_dir_all(&self.out).map_err(err)?;
+        let probe = self.out.join(format!(".chitu-write-check-{}", std::process::id()));
+        std::fs::write(&probe, b"").map_err(err)?;
+        std::fs::remove_file(&probe).map_err(err)
+    }
+
+    /// Writes the MP4 and the contact sheet (and the frames when asked) under `out`, named
+    /// `stem`; returns the paths. Each file appears whole or not at all; the caller writes the
+    /// sidecar last.
+    pub fn write(&self, video: &Video, stem: &str) -> Result<Vec<PathBuf>, CliError> {
+        self.prepare()?;
         let mp4 = self.out.join(format!("{stem}.mp4"));
         let sheet = self.out.join(format!("{stem}.png"));
         video.save_mp4(&mp4).map_err(GenError::from)?;
         video.save_png_sheet(&sheet).map_err(GenError::from)?;
         let mut files = vec![mp4, sheet];
         if self.png_frames {
-            files.extend(video.save_png_frames(&self.out, &stem).map_err(GenError::from)?);
+            files.extend(video.save_png_frames(&self.out, stem).map_err(GenError::from)?);
         }
         Ok(files)
     }
