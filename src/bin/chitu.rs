@@ -185,7 +185,7 @@ fn generate(
     // Refused here, before any tensor exists, rather than part-way through.
     generator.backend.check_request(task.params())?;
     if generator.is_output_rank() {
-        eprintln!("{}", describe(task.params(), &generator));
+        eprintln!("{}", describe(task.params(), generator));
     }
     let bar = match generator.is_output_rank() {
         true => ProgressBar::new(task.params().num_inference_steps as u64),
