@@ -122,7 +122,11 @@ fn bad_requests_are_refused_naming_the_problem() {
         // The small defaults, less the flags the case sets itself (clap refuses repeats).
         let sets = |flag: &str| args.iter().any(|a| a.split('=').next() == Some(flag));
         let defaults = small.chunks(2).filter(|pair| !sets(pair[0])).flatten().copied();
-        let all: Vec<&str> = ["--prompt", "x"].into_iter().chain(defaults).chain(args.iter().copied()).collect();
+        let all: Vec<&str> = ["--prompt", "x"]
+            .into_iter()
+            .chain(defaults)
+            .chain(args.iter().copied())
+            .collect();
         assert_refused(&all, &out.path().join("out"), &needles);
     }
 }
