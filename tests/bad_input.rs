@@ -5,7 +5,9 @@
 use safetensors::tensor::TensorView;
 use safetensors::SafeTensors;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+
+mod common;
+use common::generate;
 
 fn fixture_model(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -57,17 +59,6 @@ fn edit_json(file: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
     edit(&mut json);
     std::fs::write(file, json.to_string()).unwrap();
-}
-
-/// `chitu generate ARGS --out OUT` (small sizes unless ARGS set them).
-fn generate(args: &[&str], out: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_chitu"))
-        .arg("generate")
-        .args(args)
-        .arg("--out")
-        .arg(out)
-        .output()
-        .unwrap()
 }
 
 /// Files in `dir`, hidden ones (temporaries) included.

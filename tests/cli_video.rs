@@ -3,7 +3,9 @@
 use openh264::decoder::Decoder;
 use openh264::formats::YUVSource;
 use std::path::Path;
-use std::process::Command;
+
+mod common;
+use common::generate;
 
 /// Decodes every sample of the MP4's video track; returns (frames decoded, width, height).
 fn decode_mp4(path: &Path) -> (usize, usize, usize) {
@@ -45,17 +47,6 @@ fn decode_mp4(path: &Path) -> (usize, usize, usize) {
     }
     decoded += decoder.flush_remaining().unwrap().len();
     (decoded, w, h)
-}
-
-/// Runs `chitu generate` with `args`, writing into `out`.
-fn generate(args: &[&str], out: &Path) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_chitu"))
-        .arg("generate")
-        .args(args)
-        .arg("--out")
-        .arg(out)
-        .output()
-        .unwrap()
 }
 
 #[test]

@@ -4,6 +4,18 @@
 use safetensors::tensor::TensorView;
 use safetensors::SafeTensors;
 use std::path::Path;
+use std::process::{Command, Output};
+
+/// Runs `chitu generate` with `args`, writing into `out`.
+pub fn generate(args: &[&str], out: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_chitu"))
+        .arg("generate")
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap()
+}
 
 /// Renames a diffusers folder's transformers UMT5 checkpoint to Wan's `t5.py` names and writes it
 /// to `path`, leaving out the tensor named `drop`.
