@@ -258,3 +258,36 @@ fn the_default_mode_prints_the_resolved_request_before_it_starts() {
         "{stderr}"
     );
 }
+
+/// Ctrl-C stops at a step boundary: a non-zero exit that says so, and nothing in `--out`.
+#[test]
+fn ctrl_c_stops_at_a_step_boundary_and_writes_nothing() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let out = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_chitu"))
+        .args(["generate", "--prompt", "x", "--steps", "100000", "--out"])
+        .arg(out.path())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    // The request line comes once the model is loaded and the handler is in place.
+    while !seen.contains("generating") {
+        let mut line = String::new();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "chitu ended early:\n{seen}");
+        seen.push_str(&line);
+    }
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "{seen}{rest}");
+    assert!(rest.contains("interrupted") && rest.contains("denoise step"), "{seen}{rest}");
+    assert!(files_in(out.path()).is_empty(), "left {:?}", files_in(out.path()));
+}

@@ -3,7 +3,8 @@
 
 use crate::native::{find, is_wan_native, WanNativeConfig};
 use crate::{DiffusionUserParams, GenError, Offloaded};
-use burn::tensor::backend::Backend;
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::{backend::Backend, Tensor};
 use chitu_dit::{WanDitConfig, WanTransformer};
 use chitu_sched::SchedulerSpec;
 use chitu_text::{T5Tokenizer, TextEncoder, Umt5Config, Umt5Encoder};
@@ -226,9 +227,10 @@ impl<B: Backend> DiffusionBackend<B> {
     /// The embedded tiny Wan2.1-shaped model: 2-layer UMT5 (d 32), 2-block DiT (dim 48),
     /// VAE of base width 8, UniPC with shift 3. Weights are random with a fixed seed.
     pub fn embedded_tiny(device: &B::Device) -> Result<Self, GenError> {
-        // The weights come from the backend's global RNG. Ranks that build their model at the
-        // same time (in-process CFG or CP ranks) would draw from it in turn and get different
-        // weights, so seeding and building is one step at a time.
+        // The weights come from the backend's global RNG, and burn draws a parameter lazily, on
+        // its first use. Ranks that build their model at the same time (in-process CFG or CP
+        // ranks) would draw from it in turn, mid-run, and get different weights; so each rank
+        // seeds, builds and draws every parameter while holding the lock.
         static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let _one_at_a_time = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
         B::seed(device, TINY_WEIGHT_SEED);
@@ -257,6 +259,10 @@ impl<B: Backend> DiffusionBackend<B> {
             ..WanVaeConfig::default()
         };
         let vae = WanVae::new(vae_config, device)?;
+        let mut draw = DrawNow;
+        encoder.visit(&mut draw);
+        dit.visit(&mut draw);
+        vae.visit(&mut draw);
         let text = TextEncoder::new(tokenizer, encoder, device.clone());
         Ok(Self {
             text: Offloaded::new("text encoder", text, device),
@@ -355,6 +361,15 @@ impl<B: Backend> DiffusionBackend<B> {
             }
         }
         Ok(())
+    }
+}
+
+/// Draws every lazily initialised parameter of a module now.
+struct DrawNow;
+
+impl<B: Backend> ModuleVisitor<B> for DrawNow {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let _ = param.val();
     }
 }
 
