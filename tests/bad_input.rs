@@ -288,6 +288,9 @@ fn ctrl_c_stops_at_a_step_boundary_and_writes_nothing() {
     std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
     let status = child.wait().unwrap();
     assert!(!status.success(), "{seen}{rest}");
-    assert!(rest.contains("interrupted") && rest.contains("denoise step"), "{seen}{rest}");
+    assert!(
+        rest.contains("interrupted") && rest.contains("denoise step"),
+        "{seen}{rest}"
+    );
     assert!(files_in(out.path()).is_empty(), "left {:?}", files_in(out.path()));
 }

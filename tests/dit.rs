@@ -271,6 +271,38 @@ fn a_caller_can_match_on_what_is_wrong_with_a_checkpoint() {
         }
         other => panic!("expected Shape, got {other:?}"),
     }
+    // A linear weight is named by its key in the file, with both shapes as the file stores them
+    // (burn keeps linear weights transposed; the error does not).
+    let (key, stored) = ("blocks.0.ffn.net.0.proj.weight", vec![96, 48]);
+    let narrow: Vec<_> = tensors
+        .iter()
+        .map(|t| match t.0 == key {
+            true => {
+                assert_eq!(t.2, stored, "the fixture's FFN weight");
+                let rows: Vec<u8> = t.3.chunks(48 * 4).flat_map(|row| row[..40 * 4].to_vec()).collect();
+                (t.0.clone(), t.1, vec![96, 40], rows)
+            }
+            false => t.clone(),
+        })
+        .collect();
+    match load(&narrow) {
+        DitError::Load(e @ LoadError::Shape { .. }) => {
+            let LoadError::Shape {
+                key: k,
+                expected,
+                got,
+                file,
+                ..
+            } = &e
+            else {
+                unreachable!()
+            };
+            assert_eq!((k.as_str(), expected, got), (key, &stored, &vec![96, 40]), "{e}");
+            assert!(file.ends_with("diffusion_pytorch_model.safetensors"), "{e}");
+            assert!(e.to_string().contains(key) && e.to_string().contains("[96, 40]"), "{e}");
+        }
+        other => panic!("expected Shape, got {other:?}"),
+    }
     // The generator wraps the same error: a missing folder file is the store's `Io`, with its path.
     match DiffusionBackend::<B>::from_dir(fixtures().join("models/nonexistent"), &default_device()) {
         Err(GenError::Store(LoadError::Io { path, .. })) => assert!(path.ends_with("model_index.json"), "{path:?}"),

@@ -100,3 +100,15 @@ fn a_perturbed_reference_fails() {
     let report = run_case::<DefaultBackend>(dir.path(), "scheduler_euler_flow", &default_device());
     assert!(!report.passed(), "{report}");
 }
+
+#[test]
+fn a_folder_or_prefix_with_no_case_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("cases")).unwrap();
+    let e = list_cases(dir.path(), &[]).unwrap_err().to_string();
+    assert!(e.contains("no case") && e.contains("cases"), "{e}");
+    let e = list_cases(&fixtures(), &["nonesuch_".to_string()])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("nonesuch_"), "{e}");
+}

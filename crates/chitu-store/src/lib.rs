@@ -16,7 +16,7 @@ use burn_store::{
     ApplyError, ApplyResult, KeyRemapper, ModuleAdapter, ModuleSnapshot, ModuleStore, PyTorchToBurnAdapter,
     PytorchStore, TensorSnapshot,
 };
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
@@ -82,15 +82,17 @@ pub enum LoadError {
         keys: Vec<String>,
     },
     /// A tensor's shape does not fit the module.
-    #[error("{label} checkpoint: bad tensors: {key} has shape {got:?}, the model expects {expected:?}")]
+    #[error("{label} checkpoint {}: bad tensors: {key} has shape {got:?}, the model expects {expected:?}", file.display())]
     Shape {
         /// The checkpoint layout.
         label: String,
-        /// The tensor.
+        /// The file that holds the tensor.
+        file: PathBuf,
+        /// The tensor's key in the file.
         key: String,
-        /// The module's shape.
+        /// The shape the model needs, as the file would store it.
         expected: Vec<usize>,
-        /// The checkpoint's shape.
+        /// The shape the file stores.
         got: Vec<usize>,
     },
     /// Tensors that could not be applied for another reason (read errors, duplicates across
@@ -267,7 +269,7 @@ pub fn load_strict_leaving<B: Backend, M: Module<B>>(
                 std::io::Error::new(std::io::ErrorKind::NotFound, "weight file does not exist"),
             ));
         }
-        let mut snapshots: Vec<TensorSnapshot> = if is_pickle(file) {
+        let (mut snapshots, names): (Vec<TensorSnapshot>, Vec<(String, String)>) = if is_pickle(file) {
             // The store's snapshots, applied with the f32 cast like safetensors: its own
             // `load_from` fills the module in the stored dtype, and casting afterwards held the
             // bf16 and the f32 model at once.
@@ -275,12 +277,22 @@ pub fn load_strict_leaving<B: Backend, M: Module<B>>(
             let all = store
                 .get_all_snapshots()
                 .map_err(|e| LoadError::malformed(file, e.to_string()))?;
-            all.values().cloned().collect()
+            (all.values().cloned().collect(), Vec::new())
         } else {
             // Not burn-store's SafetensorsStore: it maps the file, and every page read stays
             // resident until the load ends, doubling the peak memory (see `file.rs`).
-            remapper.remap(file::snapshots(file)?).0
+            remapper.remap(file::snapshots(file)?)
         };
+        // How the file stores each tensor, by module path: for errors in the file's own terms.
+        let original: HashMap<String, String> = names.into_iter().collect();
+        let stored: HashMap<String, (String, Vec<usize>)> = snapshots
+            .iter()
+            .map(|s| {
+                let path = s.full_path();
+                let key = original.get(&path).cloned().unwrap_or_else(|| path.clone());
+                (path, (key, s.shape.to_vec()))
+            })
+            .collect();
         snapshots.retain(|s| !left.contains(&s.full_path().as_str()));
         let adapter = PyTorchToBurnAdapter.chain(CastFloats(DType::F32));
         let result: ApplyResult = module.apply(snapshots, None, Some(Box::new(adapter)), true);
@@ -303,7 +315,15 @@ pub fn load_strict_leaving<B: Backend, M: Module<B>>(
         for e in result.errors {
             match e {
                 ApplyError::ShapeMismatch { path, expected, found } => {
-                    shapes.push((path, expected.to_vec(), found.to_vec()))
+                    let (expected, found) = (expected.to_vec(), found.to_vec());
+                    let (key, got) = stored.get(&path).cloned().unwrap_or((path, found.clone()));
+                    // burn's layout transposes linear weights; say what the file should hold.
+                    let transposed = found != got && found.iter().rev().eq(got.iter());
+                    let expected = match transposed {
+                        true => expected.into_iter().rev().collect(),
+                        false => expected,
+                    };
+                    shapes.push((file.clone(), key, expected, got))
                 }
                 other => errors.push(format!("{other:?}")),
             }
@@ -321,9 +341,10 @@ pub fn load_strict_leaving<B: Backend, M: Module<B>>(
     if !unused.is_empty() {
         return Err(LoadError::UnexpectedKeys { label, keys: unused });
     }
-    if let Some((key, expected, got)) = shapes.into_iter().next() {
+    if let Some((file, key, expected, got)) = shapes.into_iter().next() {
         return Err(LoadError::Shape {
             label,
+            file,
             key,
             expected,
             got,
