@@ -82,10 +82,8 @@ pub enum LoadError {
         keys: Vec<String>,
     },
     /// A tensor's shape does not fit the module.
-    #[error("{label} checkpoint {}: bad tensors: {key} has shape {got:?}, the model expects {expected:?}", file.display())]
+    #[error("checkpoint {}: bad tensors: {key} has shape {got:?}, the model expects {expected:?}", file.display())]
     Shape {
-        /// The checkpoint layout.
-        label: String,
         /// The file that holds the tensor.
         file: PathBuf,
         /// The tensor's key in the file.
@@ -343,7 +341,6 @@ pub fn load_strict_leaving<B: Backend, M: Module<B>>(
     }
     if let Some((file, key, expected, got)) = shapes.into_iter().next() {
         return Err(LoadError::Shape {
-            label,
             file,
             key,
             expected,
