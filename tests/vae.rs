@@ -81,6 +81,33 @@ fn decode_within_a_budget_tiles_only_when_needed() {
     assert_eq!(host(v.decode_within(z, need - 1, tiles).unwrap()), tiled);
 }
 
+/// The decode reports each latent frame (of each tile) as it finishes, and reporting changes
+/// nothing in the video.
+#[test]
+fn decodes_report_their_progress_frame_by_frame() {
+    let v = vae();
+    let z = Tensor::<B, 5>::random([1, 16, 2, 12, 12], Distribution::Normal(0.0, 1.0), &default_device());
+    let mut seen = Vec::new();
+    let video = v
+        .decode_with_progress(z.clone(), &mut |done, total| seen.push((done, total)))
+        .unwrap();
+    assert_eq!(seen, vec![(1, 2), (2, 2)]);
+    assert_eq!(host(video), host(v.decode(z.clone()).unwrap()));
+    // 12x12 latents in 8-latent tiles at a stride of 6: a 2 x 2 grid, each tile two frames.
+    let tiles = TileConfig {
+        min_height: 64,
+        min_width: 64,
+        stride_height: 48,
+        stride_width: 48,
+    };
+    let mut seen = Vec::new();
+    let tiled = v
+        .decode_tiled_with_progress(z.clone(), tiles, &mut |done, total| seen.push((done, total)))
+        .unwrap();
+    assert_eq!(seen, (1..=8).map(|d| (d, 8)).collect::<Vec<_>>());
+    assert_eq!(host(tiled), host(v.decode_tiled(z, tiles).unwrap()));
+}
+
 #[test]
 fn normalize_inverts_denormalize() {
     let v = vae();

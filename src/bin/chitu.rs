@@ -112,14 +112,14 @@ fn collective_world(
 /// One rank's whole run: load once, then for each request build it, generate, and (on the output
 /// rank) write. Under `--prompts-file` a failed request is reported and the next one runs.
 fn run_rank(args: &GenerateArgs, parallel: Option<(Arc<dyn Communicator>, Layout)>) -> Result<(), AnyError> {
-    let (generator, defaults) = load(args, parallel)?;
+    let (generator, defaults, bar) = load(args, parallel)?;
     let mut failed = Vec::new();
     let requests = args.job.request.requests()?;
     let total = requests.len();
     for Request { line, args: request } in requests {
         let one = || -> Result<(), AnyError> {
             let params = request?.params(defaults.clone(), args.job.model.low_mem)?;
-            let (task, check) = generate(args, &generator, params)?;
+            let (task, check) = generate(args, &generator, params, &bar)?;
             if generator.is_output_rank() {
                 write(args, &generator, task, check, line)?;
             }
@@ -149,11 +149,12 @@ fn is_interrupt(e: &AnyError) -> bool {
 /// Set by Ctrl-C; the run stops at the next step boundary.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
-/// The generator of this rank (on its device, in its mesh) and the model's request defaults.
+/// The generator of this rank (on its device, in its mesh), the model's request defaults, and
+/// the progress bar (hidden off the output rank) that the decode reports to as well.
 fn load(
     args: &GenerateArgs,
     parallel: Option<(Arc<dyn Communicator>, Layout)>,
-) -> Result<(Generator<B>, DiffusionUserParams), AnyError> {
+) -> Result<(Generator<B>, DiffusionUserParams, ProgressBar), AnyError> {
     let (mesh, device) = match parallel {
         Some((world, layout)) => {
             let index = local_index(world.rank());
@@ -168,11 +169,22 @@ fn load(
         eprintln!("no --model-dir: using the embedded tiny model (random weights: it shows the pipeline, not quality)");
     }
     let (backend, defaults) = args.job.model.load::<B>(&device, DiffusionUserParams::new)?;
-    let generator = match mesh {
-        Some(mesh) => Generator::new(backend).with_mesh(mesh),
-        None => Generator::new(backend),
+    let bar = match output_rank {
+        true => ProgressBar::new(0),
+        false => ProgressBar::hidden(),
     };
-    Ok((generator, defaults))
+    bar.set_style(ProgressStyle::with_template(
+        "{msg:>14} [{bar:40}] {pos}/{len} steps {elapsed_precise}",
+    )?);
+    let decode_bar = bar.clone();
+    let generator = Generator::new(backend).on_decode_progress(move |done, total| {
+        decode_bar.set_message(format!("decode {done}/{total}"));
+    });
+    let generator = match mesh {
+        Some(mesh) => generator.with_mesh(mesh),
+        None => generator,
+    };
+    Ok((generator, defaults, bar))
 }
 
 /// Runs the request step by step under a progress bar, then the cache check when asked.
@@ -180,6 +192,7 @@ fn generate(
     args: &GenerateArgs,
     generator: &Generator<B>,
     params: DiffusionUserParams,
+    bar: &ProgressBar,
 ) -> Result<(DiffusionTask<B>, Option<CacheCheck>), AnyError> {
     let mut task = DiffusionTask::<B>::from_user_request(params)?;
     // Refused here, before any tensor exists, rather than part-way through.
@@ -187,13 +200,8 @@ fn generate(
     if generator.is_output_rank() {
         eprintln!("{}", describe(task.params(), generator));
     }
-    let bar = match generator.is_output_rank() {
-        true => ProgressBar::new(task.params().num_inference_steps as u64),
-        false => ProgressBar::hidden(),
-    };
-    bar.set_style(ProgressStyle::with_template(
-        "{msg:>10} [{bar:40}] {pos}/{len} steps {elapsed_precise}",
-    )?);
+    bar.reset();
+    bar.set_length(task.params().num_inference_steps as u64);
     while !task.is_finished() {
         bar.set_message(match task.stage() {
             Stage::TextEncode => "text",

@@ -28,6 +28,8 @@ pub struct Generator<B: Backend> {
     /// Check latents for NaN/Inf after every step (on by default).
     pub check_nan_enabled: bool,
     parallel: Option<Parallel<B>>,
+    /// Told `(done, total)` after each latent frame the VAE decodes.
+    on_decode: Option<Box<dyn Fn(usize, usize) + Send + Sync>>,
 }
 
 impl<B: Backend> Generator<B> {
@@ -37,7 +39,15 @@ impl<B: Backend> Generator<B> {
             backend,
             check_nan_enabled: true,
             parallel: None,
+            on_decode: None,
         }
+    }
+
+    /// Calls `f(done, total)` after each latent frame the VAE decodes (of each tile, when tiled):
+    /// on a CPU the decode is the longest single stage, and this is how a caller shows it move.
+    pub fn on_decode_progress(mut self, f: impl Fn(usize, usize) + Send + Sync + 'static) -> Self {
+        self.on_decode = Some(Box::new(f));
+        self
     }
 
     /// Loads a model folder (diffusers' layout or Wan's own, see [`DiffusionBackend::from_dir`]).
@@ -319,14 +329,24 @@ impl<B: Backend> Generator<B> {
     /// De-normalises latents and decodes them to video `[B, 3, F, H, W]` in [-1, 1].
     pub fn decode_vae(&self, latents: Tensor<B, 5>) -> Result<Tensor<B, 5>, GenError> {
         let vae = &self.backend.vae;
-        Ok(vae.decode(vae.denormalize(latents))?)
+        Ok(vae.decode_with_progress(vae.denormalize(latents), &mut |done, total| {
+            self.report_decode(done, total)
+        })?)
     }
 
     /// [`Generator::decode_vae`] in spatial tiles (diffusers' default 256-pixel tiles, stride 192),
     /// bounding decode memory to about one row of tiles.
     pub fn decode_vae_tiled(&self, latents: Tensor<B, 5>) -> Result<Tensor<B, 5>, GenError> {
         let vae = &self.backend.vae;
-        Ok(vae.decode_tiled(vae.denormalize(latents), chitu_vae::TileConfig::default())?)
+        let tiles = chitu_vae::TileConfig::default();
+        let mut report = |done, total| self.report_decode(done, total);
+        Ok(vae.decode_tiled_with_progress(vae.denormalize(latents), tiles, &mut report)?)
+    }
+
+    fn report_decode(&self, done: usize, total: usize) {
+        if let Some(f) = &self.on_decode {
+            f(done, total)
+        }
     }
 
     /// The task's scheduler: the folder's, or the requested solver, with the requested shift.

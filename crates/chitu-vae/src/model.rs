@@ -257,11 +257,28 @@ impl<B: Backend> WanVae<B> {
     /// Decodes raw (un-normalised) latents `[B, z, T, h, w]` one latent frame at a time to video
     /// `[B, C, 1 + 4(T-1), 8h, 8w]` clamped to [-1, 1].
     pub fn decode(&self, z: Tensor<B, 5>) -> Result<Tensor<B, 5>, VaeError> {
-        self.check_latents(&z)?;
-        Ok(self.decode_unclamped(z).clamp(-1.0, 1.0))
+        self.decode_with_progress(z, &mut |_, _| {})
     }
 
-    pub(crate) fn decode_unclamped(&self, z: Tensor<B, 5>) -> Tensor<B, 5> {
+    /// [`WanVae::decode`], calling `progress(done, total)` after each latent frame: a decode is
+    /// the slowest stage of a CPU run, and this is how a caller shows it moving.
+    pub fn decode_with_progress(
+        &self,
+        z: Tensor<B, 5>,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor<B, 5>, VaeError> {
+        self.check_latents(&z)?;
+        let t = z.dims()[2];
+        let mut done = 0;
+        let video = self.decode_unclamped(z, &mut || {
+            done += 1;
+            progress(done, t)
+        });
+        Ok(video.clamp(-1.0, 1.0))
+    }
+
+    /// The decode before clamping; `frame_done` runs after each latent frame.
+    pub(crate) fn decode_unclamped(&self, z: Tensor<B, 5>, frame_done: &mut dyn FnMut()) -> Tensor<B, 5> {
         let _scratch = scratch::Scope::enter();
         let t = z.dims()[2];
         let x = self.post_quant_conv.forward(z, None);
@@ -269,7 +286,9 @@ impl<B: Backend> WanVae<B> {
         let frames: Vec<Tensor<B, 5>> = (0..t)
             .map(|i| {
                 cache.start_chunk(i + 1 == t);
-                self.decoder.forward(x.clone().narrow(2, i, 1), &mut cache)
+                let frame = self.decoder.forward(x.clone().narrow(2, i, 1), &mut cache);
+                frame_done();
+                frame
             })
             .collect();
         Tensor::cat(frames, 2)

@@ -125,23 +125,44 @@ fn tiled<B: Backend>(
 impl<B: Backend> WanVae<B> {
     /// Decodes in overlapping spatial tiles and blends them, as diffusers' `tiled_decode`.
     pub fn decode_tiled(&self, z: Tensor<B, 5>, tiles: TileConfig) -> Result<Tensor<B, 5>, VaeError> {
+        self.decode_tiled_with_progress(z, tiles, &mut |_, _| {})
+    }
+
+    /// [`WanVae::decode_tiled`], calling `progress(done, total)` after each latent frame of
+    /// each tile.
+    pub fn decode_tiled_with_progress(
+        &self,
+        z: Tensor<B, 5>,
+        tiles: TileConfig,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor<B, 5>, VaeError> {
         let sf = self.config.spatial_factor();
         tiles.validate(sf)?;
-        let [_, c, _, h, w] = z.dims();
+        let [_, c, t, h, w] = z.dims();
         if c != self.config.z_dim {
             return Err(VaeError::Shape(format!(
                 "latents have {c} channels, the VAE expects {}",
                 self.config.z_dim
             )));
         }
-        let out = tiled(
-            &z,
+        let (size, stride) = (
             [tiles.min_height / sf, tiles.min_width / sf],
             [tiles.stride_height / sf, tiles.stride_width / sf],
+        );
+        let total = h.div_ceil(stride[0]) * w.div_ceil(stride[1]) * t;
+        let mut done = 0;
+        let mut frame_done = || {
+            done += 1;
+            progress(done, total)
+        };
+        let out = tiled(
+            &z,
+            size,
+            stride,
             [tiles.min_height, tiles.min_width],
             [tiles.stride_height, tiles.stride_width],
             [h * sf, w * sf],
-            |tile| self.decode_unclamped(tile),
+            |tile| self.decode_unclamped(tile, &mut frame_done),
         );
         Ok(out.clamp(-1.0, 1.0))
     }
