@@ -59,17 +59,22 @@ fn bad_shapes_are_clear_errors() {
         .is_err());
 }
 
+/// 64-pixel tiles at a 48-pixel stride: a 96-pixel decode is a 2 x 2 grid.
+fn small_tiles() -> TileConfig {
+    TileConfig {
+        min_height: 64,
+        min_width: 64,
+        stride_height: 48,
+        stride_width: 48,
+    }
+}
+
 #[test]
 fn decode_within_a_budget_tiles_only_when_needed() {
     let v = vae();
     let dev = default_device();
     let z = Tensor::<B, 5>::random([1, 16, 2, 12, 12], Distribution::Normal(0.0, 1.0), &dev);
-    let tiles = TileConfig {
-        min_height: 64,
-        min_width: 64,
-        stride_height: 48,
-        stride_width: 48,
-    };
+    let tiles = small_tiles();
     let need = v.estimate_decode_bytes(z.dims());
     let plain = host(v.decode(z.clone()).unwrap());
     let tiled = host(v.decode_tiled(z.clone(), tiles).unwrap());
@@ -94,12 +99,7 @@ fn decodes_report_their_progress_frame_by_frame() {
     assert_eq!(seen, vec![(1, 2), (2, 2)]);
     assert_eq!(host(video), host(v.decode(z.clone()).unwrap()));
     // 12x12 latents in 8-latent tiles at a stride of 6: a 2 x 2 grid, each tile two frames.
-    let tiles = TileConfig {
-        min_height: 64,
-        min_width: 64,
-        stride_height: 48,
-        stride_width: 48,
-    };
+    let tiles = small_tiles();
     let mut seen = Vec::new();
     let tiled = v
         .decode_tiled_with_progress(z.clone(), tiles, &mut |done, total| seen.push((done, total)))
