@@ -317,6 +317,7 @@ fn main() -> ExitCode {
     // The first Ctrl-C stops at the next step boundary; a second one ends the process at once.
     let handler = ctrlc::set_handler(|| {
         if INTERRUPTED.swap(true, Ordering::SeqCst) {
+            chitu::pipeline::video::remove_partial_files();
             std::process::exit(130);
         }
         eprintln!("\ninterrupted: stopping at the next step boundary (Ctrl-C again to quit now)");

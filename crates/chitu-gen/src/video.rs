@@ -59,6 +59,7 @@ pub(crate) fn write_atomically(
         .unwrap_or(Path::new("."));
     let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.part-{}", std::process::id()));
+    let _pending = Pending::register(&tmp);
     let result = (|| {
         let mut file = std::fs::File::create(&tmp).map_err(|e| VideoError::io(path, e))?;
         write(&mut file)?;
@@ -70,6 +71,40 @@ pub(crate) fn write_atomically(
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// The temporaries being written now, so that a process ending mid-write (a second Ctrl-C)
+/// can remove them: see [`remove_partial_files`].
+static PENDING: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// Holds a temporary in [`PENDING`] while it is written.
+struct Pending(PathBuf);
+
+impl Pending {
+    fn register(path: &Path) -> Self {
+        PENDING
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(path.to_path_buf());
+        Self(path.to_path_buf())
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        PENDING
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|p| p != &self.0);
+    }
+}
+
+/// Removes every temporary a write is filling now. For a process that must end at once (a
+/// second Ctrl-C): the files it was writing then never appear, whole or half.
+pub fn remove_partial_files() {
+    for path in PENDING.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 /// A finished generation: the frames, and the request, timings and model that made them.
@@ -248,6 +283,37 @@ fn sidecar(params: &DiffusionUserParams, timings: &StageTimings, model: &str, fi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A write that fails half-way (a full disk, an encoder error) leaves no file and no
+    /// temporary, an earlier complete file under the same name stays as it was, and a write cut
+    /// short by `remove_partial_files` leaves nothing.
+    #[test]
+    fn a_failed_write_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.mp4");
+        let half = |file: &mut std::fs::File| -> Result<(), VideoError> {
+            file.write_all(b"half a video").unwrap();
+            Err(VideoError::Read("the encoder stopped".into()))
+        };
+        assert!(write_atomically(&path, half).is_err());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        write_atomically(&path, |f| f.write_all(b"whole").map_err(|e| VideoError::io(&path, e))).unwrap();
+        assert!(write_atomically(&path, half).is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), b"whole");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+
+        // What a second Ctrl-C does mid-write: the temporary goes, and the file never appears.
+        // (In the same test: removing partial files is process-wide.)
+        let path = dir.path().join("v.png");
+        let interrupted = |file: &mut std::fs::File| -> Result<(), VideoError> {
+            file.write_all(b"half a picture").unwrap();
+            remove_partial_files();
+            Ok(())
+        };
+        assert!(write_atomically(&path, interrupted).is_err());
+        assert!(!path.exists());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
 
     #[test]
     fn stems_follow_chitu() {
