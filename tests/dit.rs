@@ -267,7 +267,7 @@ fn a_caller_can_match_on_what_is_wrong_with_a_checkpoint() {
         .collect();
     match load(&misshapen) {
         DitError::Load(LoadError::Shape { key, got, .. }) => {
-            assert_eq!((key.as_str(), got), ("proj_out.bias", vec![32]))
+            assert_eq!((key.as_str(), &got[..]), ("proj_out.bias", &[32][..]))
         }
         other => panic!("expected Shape, got {other:?}"),
     }
@@ -289,15 +289,20 @@ fn a_caller_can_match_on_what_is_wrong_with_a_checkpoint() {
         DitError::Load(e @ LoadError::Shape { .. }) => {
             let LoadError::Shape {
                 key: k,
+                module,
                 expected,
                 got,
                 file,
-                ..
             } = &e
             else {
                 unreachable!()
             };
-            assert_eq!((k.as_str(), expected, got), (key, &stored, &vec![96, 40]), "{e}");
+            assert_eq!(
+                (k.as_str(), &expected[..], &got[..]),
+                (key, &stored[..], &[96, 40][..]),
+                "{e}"
+            );
+            assert_eq!(module, "blocks.0.ffn.fc1.weight", "{e}");
             assert!(file.ends_with("diffusion_pytorch_model.safetensors"), "{e}");
             assert!(e.to_string().contains(key) && e.to_string().contains("[96, 40]"), "{e}");
         }

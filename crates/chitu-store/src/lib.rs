@@ -82,16 +82,18 @@ pub enum LoadError {
         keys: Vec<String>,
     },
     /// A tensor's shape does not fit the module.
-    #[error("checkpoint {}: bad tensors: {key} has shape {got:?}, the model expects {expected:?}", file.display())]
+    #[error("checkpoint {}: bad tensors: {key}{} has shape {got:?}, the model expects {expected:?}", file.display(), also_module(key, module))]
     Shape {
         /// The file that holds the tensor.
         file: PathBuf,
         /// The tensor's key in the file.
         key: String,
+        /// The model's name for it (the module path the key maps to).
+        module: String,
         /// The shape the model needs, as the file would store it.
-        expected: Vec<usize>,
+        expected: Box<[usize]>,
         /// The shape the file stores.
-        got: Vec<usize>,
+        got: Box<[usize]>,
     },
     /// Tensors that could not be applied for another reason (read errors, duplicates across
     /// shards).
@@ -105,6 +107,13 @@ pub enum LoadError {
     /// A remap table is not a valid list of regexes.
     #[error("bad remap table: {0}")]
     Remap(String),
+}
+
+fn also_module(key: &str, module: &str) -> String {
+    match key == module {
+        true => String::new(),
+        false => format!(" (the model's {module})"),
+    }
 }
 
 fn also_unexpected(keys: &[String]) -> String {
@@ -314,14 +323,14 @@ pub fn load_strict_leaving<B: Backend, M: Module<B>>(
             match e {
                 ApplyError::ShapeMismatch { path, expected, found } => {
                     let (expected, found) = (expected.to_vec(), found.to_vec());
-                    let (key, got) = stored.get(&path).cloned().unwrap_or((path, found.clone()));
+                    let (key, got) = stored.get(&path).cloned().unwrap_or((path.clone(), found.clone()));
                     // burn's layout transposes linear weights; say what the file should hold.
                     let transposed = found != got && found.iter().rev().eq(got.iter());
                     let expected = match transposed {
                         true => expected.into_iter().rev().collect(),
                         false => expected,
                     };
-                    shapes.push((file.clone(), key, expected, got))
+                    shapes.push((file.clone(), key, path, expected, got))
                 }
                 other => errors.push(format!("{other:?}")),
             }
@@ -339,12 +348,13 @@ pub fn load_strict_leaving<B: Backend, M: Module<B>>(
     if !unused.is_empty() {
         return Err(LoadError::UnexpectedKeys { label, keys: unused });
     }
-    if let Some((file, key, expected, got)) = shapes.into_iter().next() {
+    if let Some((file, key, module, expected, got)) = shapes.into_iter().next() {
         return Err(LoadError::Shape {
             file,
             key,
-            expected,
-            got,
+            module,
+            expected: expected.into(),
+            got: got.into(),
         });
     }
     if !errors.is_empty() {
