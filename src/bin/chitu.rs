@@ -237,7 +237,7 @@ fn generate(
 fn describe(p: &DiffusionUserParams, generator: &Generator<B>) -> String {
     let solver = match p.solver {
         Some(s) => format!("{s:?}"),
-        None => "the folder's scheduler".into(),
+        None => "the model's own scheduler".into(),
     };
     let pixels = p.height * p.width * p.num_frames * 3;
     format!(
