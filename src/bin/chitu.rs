@@ -168,7 +168,7 @@ fn load(
     if args.job.model.model_dir.is_none() && output_rank {
         eprintln!("no --model-dir: using the embedded tiny model (random weights: it shows the pipeline, not quality)");
     }
-    let (backend, defaults) = args.job.model.load::<B>(&device, DiffusionUserParams::new)?;
+    let (backend, defaults) = args.job.model.load::<B>(&device)?;
     let bar = match output_rank {
         true => ProgressBar::new(0),
         false => ProgressBar::hidden(),
@@ -280,7 +280,7 @@ fn write(
     if let Some(check) = &check {
         eprintln!("{check}");
     }
-    let video = Video::from_task(task, &args.job.model.name())?;
+    let video = Video::from_task(task, &generator.backend.name)?;
     let stem = match line {
         Some(line) => format!("line{line:04}_{}", video.stem()),
         None => video.stem(),

@@ -68,30 +68,18 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    /// The model's name in sidecars: its folder, or `embedded-tiny`.
-    pub fn name(&self) -> String {
-        match &self.model_dir {
-            Some(dir) => dir.display().to_string(),
-            None => "embedded-tiny".into(),
-        }
-    }
-
     /// The load options these arguments ask for.
     pub fn options(&self) -> LoadOptions {
         LoadOptions { low_mem: self.low_mem }
     }
 
-    /// Loads the model on `device`, with the defaults a request for it starts from (Wan's
-    /// for a folder, `default_params` decides; the embedded model's own small size otherwise).
-    pub fn load<B: Backend>(
-        &self,
-        device: &B::Device,
-        default_params: impl Fn(String) -> DiffusionUserParams,
-    ) -> Result<(DiffusionBackend<B>, DiffusionUserParams), GenError> {
+    /// Loads the model on `device`, with the defaults a request for it starts from: Wan2.1's for
+    /// a folder, the embedded model's own small size otherwise.
+    pub fn load<B: Backend>(&self, device: &B::Device) -> Result<(DiffusionBackend<B>, DiffusionUserParams), GenError> {
         match &self.model_dir {
             Some(dir) => Ok((
                 DiffusionBackend::load(dir, device, self.options())?,
-                default_params(String::new()),
+                DiffusionUserParams::default(),
             )),
             None => Ok((
                 DiffusionBackend::embedded_tiny(device)?,
@@ -240,11 +228,10 @@ impl OutputArgs {
         std::fs::remove_file(&probe).map_err(err)
     }
 
-    /// Writes the MP4 and the contact sheet (and the frames when asked) under `out`, named
-    /// `stem`; returns the paths. Each file appears whole or not at all; the caller writes the
-    /// sidecar last.
+    /// Writes the MP4 and the contact sheet (and the frames when asked) under `out`, which
+    /// [`OutputArgs::prepare`] made, named `stem`; returns the paths. Each file appears whole or
+    /// not at all; the caller writes the sidecar last.
     pub fn write(&self, video: &Video, stem: &str) -> Result<Vec<PathBuf>, CliError> {
-        self.prepare()?;
         let mp4 = self.out.join(format!("{stem}.mp4"));
         let sheet = self.out.join(format!("{stem}.png"));
         video.save_mp4(&mp4).map_err(GenError::from)?;

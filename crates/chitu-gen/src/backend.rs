@@ -69,9 +69,6 @@ pub struct DiffusionBackend<B: Backend> {
     pub text_max_len: usize,
 }
 
-/// Pixels per latent along each spatial axis (the Wan2.1 VAE's 8x).
-const VAE_SPATIAL: usize = 8;
-
 /// Wan's text length, for tokenizers that do not state theirs.
 const WAN_TEXT_LEN: usize = 512;
 
@@ -285,7 +282,8 @@ impl<B: Backend> DiffusionBackend<B> {
         let dit = self.dit(0)?.shell();
         let bad = |m: String| Err(GenError::Params(m));
         let [pt, ph, pw] = dit.patch_size;
-        let (sy, sx) = (VAE_SPATIAL * ph, VAE_SPATIAL * pw);
+        let vae_spatial = self.vae.config.spatial_factor();
+        let (sy, sx) = (vae_spatial * ph, vae_spatial * pw);
         if !params.height.is_multiple_of(sy) || !params.width.is_multiple_of(sx) {
             return bad(format!(
                 "height {} and width {} must be multiples of {sy} and {sx} for this model",

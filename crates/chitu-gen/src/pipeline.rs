@@ -329,9 +329,8 @@ impl<B: Backend> Generator<B> {
     /// De-normalises latents and decodes them to video `[B, 3, F, H, W]` in [-1, 1].
     pub fn decode_vae(&self, latents: Tensor<B, 5>) -> Result<Tensor<B, 5>, GenError> {
         let vae = &self.backend.vae;
-        Ok(vae.decode_with_progress(vae.denormalize(latents), &mut |done, total| {
-            self.report_decode(done, total)
-        })?)
+        let mut report = |done, total| self.report_decode(done, total);
+        Ok(vae.decode_with_progress(vae.denormalize(latents), &mut report)?)
     }
 
     /// [`Generator::decode_vae`] in spatial tiles (diffusers' default 256-pixel tiles, stride 192),

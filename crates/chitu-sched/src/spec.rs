@@ -75,15 +75,6 @@ impl SchedulerSpec {
         }
     }
 
-    /// The config's flow shift.
-    pub fn shift(&self) -> f64 {
-        match &self.config {
-            SchedulerConfig::UniPc(c) => c.flow_shift,
-            SchedulerConfig::DpmSolver(c) => c.flow_shift,
-            SchedulerConfig::FlowMatchEuler(c) => c.shift,
-        }
-    }
-
     /// Training timesteps (the scale of Wan2.2's expert boundary).
     pub fn num_train_timesteps(&self) -> usize {
         match &self.config {
