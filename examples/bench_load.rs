@@ -26,6 +26,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         &[checkpoint.into()],
         TextLayout::Wan,
         table,
+        chitu::text::Precision::F32,
     )?;
     let seconds = t0.elapsed().as_secs_f64();
     println!(

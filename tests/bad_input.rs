@@ -55,6 +55,24 @@ fn poison(file: &Path, key: &str) {
     safetensors::serialize_to_file(views, None, file).unwrap();
 }
 
+/// Rewrites `file` with tensor `key` stored as I32 (the same bytes, another dtype).
+fn retype_as_int(file: &Path, key: &str) {
+    let bytes = std::fs::read(file).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let views: Vec<(String, TensorView)> = st
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| match k == key {
+            true => {
+                let int = TensorView::new(safetensors::Dtype::I32, v.shape().to_vec(), v.data()).unwrap();
+                (k, int)
+            }
+            false => (k, v),
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, file).unwrap();
+}
+
 fn edit_json(file: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
     edit(&mut json);
@@ -107,6 +125,8 @@ fn bad_requests_are_refused_naming_the_problem() {
         (vec!["--guidance-2", "3"], vec!["guidance_scale_2", "one expert"]),
         (vec!["--cache", "fastcache"], vec!["cache"]),
         (vec!["--low-mem", "4"], vec!["low-mem"]),
+        (vec!["--dtype", "fp8"], vec!["--dtype", "fp8", "bf16"]),
+        (vec!["--vae-dtype", "int8"], vec!["--vae-dtype", "int8", "f16"]),
     ];
     for (args, needles) in cases {
         let out = tempfile::tempdir().unwrap();
@@ -174,8 +194,16 @@ fn bad_model_folders_are_refused_naming_the_problem() {
         )
         .unwrap();
     });
+    let int_weight = model_with("wan21", |d| {
+        retype_as_int(
+            &d.join("transformer/diffusion_pytorch_model.safetensors"),
+            "proj_out.weight",
+        )
+    });
     let missing = tempfile::tempdir().unwrap();
     let cases: Vec<(&Path, Vec<&str>)> = vec![
+        // An integer tensor cannot become a float weight, at any --dtype.
+        (int_weight.path(), vec!["proj_out.weight", "I32", "cannot be converted"]),
         // A NaN VAE used to exit 0 with a black video.
         (nan_vae.path(), vec!["NaN", "decoded video", "VAE"]),
         // A NaN text encoder used to be blamed on the first denoise step.

@@ -114,9 +114,12 @@ fn token_table_in_file_or_on_device_gives_the_same_states() {
     let files = [dir.join("model.safetensors")];
     let dev = default_device();
     let load = |table| {
-        Umt5Encoder::<B>::new(config.clone(), &dev)
-            .unwrap()
-            .load_weights_with(&files, TextLayout::Transformers, table)
+        Umt5Encoder::<B>::new(config.clone(), &dev).unwrap().load_weights_with(
+            &files,
+            TextLayout::Transformers,
+            table,
+            chitu::text::Precision::F32,
+        )
     };
     let in_file = load(TokenTable::InFile).unwrap();
     let on_device = load(TokenTable::OnDevice).unwrap();

@@ -168,7 +168,9 @@ fn load(
     if args.job.model.model_dir.is_none() && output_rank {
         eprintln!("no --model-dir: using the embedded tiny model (random weights: it shows the pipeline, not quality)");
     }
-    let (backend, defaults) = args.job.model.load::<B>(&device)?;
+    // One request (not a prompts file): each model can go as soon as its stage is done.
+    let one_request = args.job.request.prompts_file.is_none();
+    let (backend, defaults) = args.job.model.load::<B>(&device, one_request)?;
     let bar = match output_rank {
         true => ProgressBar::new(0),
         false => ProgressBar::hidden(),
@@ -241,7 +243,7 @@ fn describe(p: &DiffusionUserParams, generator: &Generator<B>) -> String {
     };
     let pixels = p.height * p.width * p.num_frames * 3;
     format!(
-        "generating {}x{}, {} frames, {} steps, guidance {}, {solver}, seed {}, low-mem {}, on {} ({:.1} MiB of video as f32)",
+        "generating {}x{}, {} frames, {} steps, guidance {}, {solver}, seed {}, low-mem {}, on {} with {} weights ({:.1} MiB of video as f32)",
         p.width,
         p.height,
         p.num_frames,
@@ -250,6 +252,7 @@ fn describe(p: &DiffusionUserParams, generator: &Generator<B>) -> String {
         p.seed,
         generator.backend.memory(p.low_mem).0,
         generator.backend.name,
+        generator.backend.dtype,
         (pixels * 4) as f64 / (1 << 20) as f64
     )
 }
@@ -280,7 +283,7 @@ fn write(
     if let Some(check) = &check {
         eprintln!("{check}");
     }
-    let video = Video::from_task(task, &generator.backend.name)?;
+    let video = Video::from_task(task, &generator.backend)?;
     let stem = match line {
         Some(line) => format!("line{line:04}_{}", video.stem()),
         None => video.stem(),

@@ -5,7 +5,7 @@
 mod prompts;
 pub use prompts::Request;
 
-use crate::pipeline::{DiffusionBackend, DiffusionUserParams, GenError, LoadOptions, Video};
+use crate::pipeline::{DiffusionBackend, DiffusionUserParams, GenError, LoadOptions, Precision, Video};
 use burn::tensor::backend::Backend;
 use chitu_cache::CacheConfig;
 use chitu_sched::SolverKind;
@@ -60,29 +60,52 @@ pub struct ModelArgs {
     /// when omitted.
     #[arg(long)]
     pub model_dir: Option<PathBuf>,
-    /// Memory saving level: 1 decodes the VAE in tiles; 2 also keeps the text encoder in host
-    /// memory except while it encodes; 3 also keeps only the active DiT on the device. Levels 2
-    /// and 3 park models as they load. They are for GPUs: on the CPU backend they save nothing.
+    /// Memory saving level: 1 decodes the VAE in tiles; 2 also keeps the text encoder off the
+    /// device except while it encodes; 3 also keeps only the active DiT on the device. On a GPU
+    /// a model off the device waits in host memory; on the CPU it is dropped and read again
+    /// from its files when needed.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=3))]
     pub low_mem: u8,
+    /// The dtype of the DiT's and the text encoder's weights: f32, bf16 or f16. The parts
+    /// diffusers keeps in f32 (embedders, modulation, norms) stay f32, and so do the
+    /// activations, latents and the scheduler.
+    #[arg(long, default_value_t = Precision::Bf16)]
+    pub dtype: Precision,
+    /// The dtype of the VAE's weights (f32, bf16 or f16); f32 unless asked, as diffusers keeps it.
+    #[arg(long, default_value_t = Precision::F32)]
+    pub vae_dtype: Precision,
 }
 
 impl ModelArgs {
     /// The load options these arguments ask for.
     pub fn options(&self) -> LoadOptions {
-        LoadOptions { low_mem: self.low_mem }
+        LoadOptions {
+            low_mem: self.low_mem,
+            dtype: self.dtype,
+            vae_dtype: self.vae_dtype,
+            release_after_use: false,
+        }
     }
 
     /// Loads the model on `device`, with the defaults a request for it starts from: Wan2.1's for
-    /// a folder, the embedded model's own small size otherwise.
-    pub fn load<B: Backend>(&self, device: &B::Device) -> Result<(DiffusionBackend<B>, DiffusionUserParams), GenError> {
+    /// a folder, the embedded model's own small size otherwise. With `one_request` each model
+    /// is released once its stage is over ([`LoadOptions::release_after_use`]).
+    pub fn load<B: Backend>(
+        &self,
+        device: &B::Device,
+        one_request: bool,
+    ) -> Result<(DiffusionBackend<B>, DiffusionUserParams), GenError> {
+        let options = LoadOptions {
+            release_after_use: one_request,
+            ..self.options()
+        };
         match &self.model_dir {
             Some(dir) => Ok((
-                DiffusionBackend::load(dir, device, self.options())?,
+                DiffusionBackend::load(dir, device, options)?,
                 DiffusionUserParams::default(),
             )),
             None => Ok((
-                DiffusionBackend::embedded_tiny(device)?,
+                DiffusionBackend::embedded_tiny_as(device, self.dtype)?,
                 DiffusionUserParams::tiny(String::new()),
             )),
         }

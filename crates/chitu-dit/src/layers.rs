@@ -6,7 +6,7 @@ use burn::module::{Module, Param};
 use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::activation::{sigmoid, silu};
 use burn::tensor::{backend::Backend, Tensor, TensorData, TensorPrimitive};
-use chitu_host::is_host_f32;
+use chitu_host::{is_host_f32, mixed};
 use rayon::prelude::*;
 
 /// LayerNorm over the last axis without affine parameters, in float32 (diffusers' `FP32LayerNorm`
@@ -100,7 +100,9 @@ impl<B: Backend> PatchEmbed<B> {
     pub fn forward(&self, x: Tensor<B, 5>) -> Tensor<B, 3> {
         let [dim, c, pt, ph, pw] = self.weight.dims();
         let tokens = patchify(x, [pt, ph, pw]);
-        let w = self.weight.val().reshape([dim, c * pt * ph * pw]).transpose();
+        let w = mixed::like(self.weight.val(), &tokens)
+            .reshape([dim, c * pt * ph * pw])
+            .transpose();
         tokens.matmul(w.unsqueeze()) + self.bias.val().unsqueeze()
     }
 }
@@ -114,7 +116,7 @@ pub struct TimestepEmbedding<B: Backend> {
 
 impl<B: Backend> TimestepEmbedding<B> {
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        self.linear_2.forward(silu(self.linear_1.forward(x)))
+        mixed::linear(&self.linear_2, silu(mixed::linear(&self.linear_1, x)))
     }
 }
 
@@ -127,7 +129,7 @@ pub struct TextProjection<B: Backend> {
 
 impl<B: Backend> TextProjection<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.linear_2.forward(gelu_tanh(self.linear_1.forward(x)))
+        mixed::linear(&self.linear_2, gelu_tanh(mixed::linear(&self.linear_1, x)))
     }
 }
 
@@ -149,7 +151,7 @@ pub struct FeedForward<B: Backend> {
 
 impl<B: Backend> FeedForward<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.fc2.forward(gelu_tanh(self.fc1.forward(x)))
+        mixed::linear(&self.fc2, gelu_tanh(mixed::linear(&self.fc1, x)))
     }
 }
 
@@ -194,9 +196,9 @@ impl<B: Backend> WanAttention<B> {
             Some(n) => n.forward(t),
             None => t,
         };
-        let q = norm(&self.norm_q, self.to_q.forward(x));
-        let k = norm(&self.norm_k, self.to_k.forward(context.clone()));
-        let v = self.to_v.forward(context);
+        let q = norm(&self.norm_q, mixed::linear(&self.to_q, x));
+        let k = norm(&self.norm_k, mixed::linear(&self.to_k, context.clone()));
+        let v = mixed::linear(&self.to_v, context);
         let heads = |t: Tensor<B, 3>| {
             let [b, s, d] = t.dims();
             t.reshape([b, s, self.num_heads, d / self.num_heads])
@@ -208,7 +210,7 @@ impl<B: Backend> WanAttention<B> {
         }
         let out = attn.attend(q, k, v, None);
         let [b, s, h, d] = out.dims();
-        self.to_out[0].forward(out.reshape([b, s, h * d]))
+        mixed::linear(&self.to_out[0], out.reshape([b, s, h * d]))
     }
 }
 

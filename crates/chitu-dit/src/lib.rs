@@ -31,10 +31,10 @@ mod ulysses;
 
 pub use attention::{AttentionKind, AttentionOp, KeyPadding, SelfAttentionWrap};
 pub use block::{BlockHook, BlockInputs, BlockPart, NoHook, WanBlock};
-pub use chitu_store::{weight_files, LoadReport};
+pub use chitu_store::{weight_files, LoadReport, Precision};
 pub use config::WanDitConfig;
 pub use layers::{gelu_tanh, layer_norm, modulate};
-pub use load::CheckpointLayout;
+pub use load::{CheckpointLayout, KEEP_F32};
 pub use model::{Embedded, WanTransformer, ROPE_THETA};
 pub use parallel::DitRunner;
 pub use ulysses::{CollectiveError, SeqParallel, SeqShard};

@@ -2,11 +2,12 @@
 //!
 //! The crate's modules are named after diffusers' keys; each layout has one remap table from its
 //! checkpoint names to the module paths. Files may be one safetensors file or shards listed by a
-//! `*.safetensors.index.json`; weights stored in bf16/f16 are cast to f32 (see `chitu-store`).
+//! `*.safetensors.index.json`. Weights are held in the load's [`Precision`] (f32 by default),
+//! converted tensor by tensor as they are read, except [`KEEP_F32`].
 
 use crate::{DitError, WanDitConfig, WanTransformer};
 use burn::tensor::backend::Backend;
-use chitu_store::{load_strict, weight_files, LoadReport};
+use chitu_store::{load_strict_as, weight_files, Cast, LoadReport, Precision};
 use std::path::{Path, PathBuf};
 
 /// Which naming scheme a checkpoint uses.
@@ -71,15 +72,25 @@ impl CheckpointLayout {
     }
 }
 
+/// Module-path segments held in f32 at every precision, as diffusers' `_keep_in_fp32_modules` and
+/// Wan's `autocast(dtype=float32)` keep them: the timestep and text embedders with the
+/// modulation projection, and the modulation tables. Vectors (biases, norm gains) stay f32 too.
+pub const KEEP_F32: &[&str] = &["condition_embedder", "scale_shift_table"];
+
 impl<B: Backend> WanTransformer<B> {
     /// Loads a transformer folder: `config.json` (either dialect) and its weights, one file or
-    /// shards with an index. The layout is taken from the config's dialect.
+    /// shards with an index. The layout is taken from the config's dialect. Weights are f32.
     pub fn from_dir(dir: impl AsRef<Path>, device: &B::Device) -> Result<Self, DitError> {
+        Self::from_dir_as(dir, device, Precision::F32)
+    }
+
+    /// [`WanTransformer::from_dir`], holding the weight matrices in `precision`.
+    pub fn from_dir_as(dir: impl AsRef<Path>, device: &B::Device, precision: Precision) -> Result<Self, DitError> {
         let dir = dir.as_ref();
         let (config, json) = WanDitConfig::read(&dir.join("config.json"))?;
         let layout = CheckpointLayout::of_config(&json);
         let files = weight_files(dir, "diffusion_pytorch_model")?;
-        let (model, _) = Self::new(config, device)?.load_weights(&files, layout)?;
+        let (model, _) = Self::new(config, device)?.load_weights_as(&files, layout, precision)?;
         Ok(model)
     }
 
@@ -87,6 +98,26 @@ impl<B: Backend> WanTransformer<B> {
     /// must be found exactly once with the right shape, and every checkpoint tensor must be used;
     /// otherwise the error lists the offending keys.
     pub fn load_weights(self, files: &[PathBuf], layout: CheckpointLayout) -> Result<(Self, LoadReport), DitError> {
-        Ok(load_strict(self, files, layout.remap_table(), &format!("{layout:?}"))?)
+        self.load_weights_as(files, layout, Precision::F32)
+    }
+
+    /// [`WanTransformer::load_weights`], holding the weight matrices in `precision`.
+    pub fn load_weights_as(
+        self,
+        files: &[PathBuf],
+        layout: CheckpointLayout,
+        precision: Precision,
+    ) -> Result<(Self, LoadReport), DitError> {
+        let cast = Cast {
+            precision,
+            keep_f32: KEEP_F32,
+        };
+        Ok(load_strict_as(
+            self,
+            files,
+            layout.remap_table(),
+            &format!("{layout:?}"),
+            cast,
+        )?)
     }
 }

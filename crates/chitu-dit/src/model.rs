@@ -10,6 +10,7 @@ use burn::module::{Module, Param};
 use burn::nn::{Initializer, Linear};
 use burn::tensor::activation::silu;
 use burn::tensor::{backend::Backend, Tensor};
+use chitu_host::mixed;
 use std::ops::Range;
 
 /// RoPE base frequency of Wan.
@@ -140,11 +141,7 @@ impl<B: Backend> WanTransformer<B> {
 
         let sinusoid = timestep_embedding::<B>(timesteps, self.config.freq_dim, &device);
         let temb = self.condition_embedder.time_embedder.forward(sinusoid);
-        let e0 = self
-            .condition_embedder
-            .time_proj
-            .forward(silu(temb.clone()))
-            .reshape([b, 6, dim]);
+        let e0 = mixed::linear(&self.condition_embedder.time_proj, silu(temb.clone())).reshape([b, 6, dim]);
         let context = self.condition_embedder.text_embedder.forward(context);
         let rope = RopeTables::new(grid, self.config.head_dim, ROPE_THETA, 0..0, &device);
         let embedded = Embedded {
@@ -182,7 +179,7 @@ impl<B: Backend> WanTransformer<B> {
         let mods = self.scale_shift_table.val() + temb.unsqueeze_dim(1);
         let (shift, scale) = (mods.clone().narrow(1, 0, 1), mods.narrow(1, 1, 1));
         let x = modulate(layer_norm(x, self.config.eps), shift, scale);
-        let x = self.proj_out.forward(x);
+        let x = mixed::linear(&self.proj_out, x);
         unpatchify(x, grid, self.config.patch_size, self.config.out_channels)
     }
 

@@ -7,9 +7,11 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{backend::Backend, Tensor};
 use chitu_dit::{WanDitConfig, WanTransformer};
 use chitu_sched::SchedulerSpec;
+use chitu_store::{cast_module, Cast, Precision};
 use chitu_text::{T5Tokenizer, TextEncoder, Umt5Config, Umt5Encoder};
 use chitu_vae::{WanVae, WanVaeConfig};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// How to load a model folder.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -18,6 +20,32 @@ pub struct LoadOptions {
     /// encoder, and from 3 each DiT, is parked in host memory as soon as it loads, so the device
     /// never holds more than one of them while loading.
     pub low_mem: u8,
+    /// The dtype of the DiT's and the text encoder's weight matrices. What diffusers keeps in
+    /// f32 stays f32 (see `chitu_dit::KEEP_F32`); activations, latents and the scheduler are f32.
+    pub dtype: Precision,
+    /// The dtype of the VAE's conv kernels; f32 unless asked, as diffusers and Wan keep it.
+    pub vae_dtype: Precision,
+    /// For a run of one request (the CLI): each model is released when its stage ends, the text
+    /// encoder once the prompts are encoded and the DiTs before the decode, so that the peak is
+    /// the largest stage instead of the sum of the models. A later request reloads them from
+    /// their files.
+    pub release_after_use: bool,
+}
+
+impl LoadOptions {
+    /// Refuses a dtype the backend cannot hold on `device`.
+    fn check<B: Backend>(&self, device: &B::Device) -> Result<(), GenError> {
+        for (what, precision) in [("dtype", self.dtype), ("VAE dtype", self.vae_dtype)] {
+            if !B::supports_dtype(device, precision.dtype()) {
+                return Err(GenError::Dtype {
+                    what,
+                    precision,
+                    backend: B::name(device),
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// What a memory level (`--low-mem`) keeps off the device; the one place the levels are defined.
@@ -67,6 +95,10 @@ pub struct DiffusionBackend<B: Backend> {
     /// The longest prompt the tokenizer is made for (its `model_max_length`; Wan's 512 when the
     /// folder does not say).
     pub text_max_len: usize,
+    /// The dtype of the DiT's and the text encoder's weight matrices.
+    pub dtype: Precision,
+    /// Whether each model is released when its stage ends ([`LoadOptions::release_after_use`]).
+    pub release_after_use: bool,
 }
 
 /// Wan's text length, for tokenizers that do not state theirs.
@@ -129,9 +161,15 @@ impl<B: Backend> DiffusionBackend<B> {
                 message: "transformer_2 and boundary_ratio must come together".into(),
             });
         }
+        options.check::<B>(device)?;
         let memory = MemoryLevel(options.low_mem);
-        let text = TextEncoder::from_pipeline_dir(dir, device)?;
-        let text = Offloaded::loaded("text encoder", text, device, memory.parks_text())?;
+        let dtype = options.dtype;
+        let text_reload: crate::Reload<B, TextEncoder<B>> = {
+            let dir = dir.to_path_buf();
+            Arc::new(move |device| Ok(TextEncoder::from_pipeline_dir_as(&dir, device, dtype)?))
+        };
+        let text = text_reload(device)?;
+        let text = Offloaded::loaded("text encoder", text, device, memory.parks_text(), text_reload)?;
         let names: &[&str] = if second {
             &["transformer", "transformer_2"]
         } else {
@@ -139,10 +177,11 @@ impl<B: Backend> DiffusionBackend<B> {
         };
         let mut model_pool = Vec::new();
         for name in names {
-            let dit = WanTransformer::from_dir(dir.join(name), device)?;
-            model_pool.push(Offloaded::loaded(*name, dit, device, memory.parks_dits())?);
+            let reload = dit_reload(dir.join(name), dtype);
+            let dit = reload(device)?;
+            model_pool.push(Offloaded::loaded(*name, dit, device, memory.parks_dits(), reload)?);
         }
-        let vae = WanVae::from_dir(dir.join("vae"), device)?;
+        let vae = WanVae::from_dir_as(dir.join("vae"), device, options.vae_dtype)?;
         let scheduler =
             SchedulerSpec::from_json(&chitu_store::read_json(&dir.join("scheduler/scheduler_config.json"))?)?;
         Ok(Self {
@@ -155,6 +194,8 @@ impl<B: Backend> DiffusionBackend<B> {
             name: dir.display().to_string(),
             memory,
             text_max_len: text_max_len(&dir.join("tokenizer")),
+            dtype,
+            release_after_use: options.release_after_use,
         })
     }
 
@@ -172,7 +213,9 @@ impl<B: Backend> DiffusionBackend<B> {
     ) -> Result<Self, GenError> {
         let dir = dir.as_ref();
         check_boundary(dir, config.boundary_ratio)?;
+        options.check::<B>(device)?;
         let memory = MemoryLevel(options.low_mem);
+        let dtype = options.dtype;
         let t5 = find(
             dir,
             &[
@@ -181,8 +224,20 @@ impl<B: Backend> DiffusionBackend<B> {
             ],
         )?;
         let tokenizer = find(&dir.join("google/umt5-xxl"), &["tokenizer.json"])?;
-        let text = TextEncoder::from_wan_files(&t5, &tokenizer, config.text.clone(), device)?;
-        let text = Offloaded::loaded("text encoder", text, device, memory.parks_text())?;
+        let text_reload: crate::Reload<B, TextEncoder<B>> = {
+            let text_config = config.text.clone();
+            Arc::new(move |device| {
+                Ok(TextEncoder::from_wan_files_as(
+                    &t5,
+                    &tokenizer,
+                    text_config.clone(),
+                    device,
+                    dtype,
+                )?)
+            })
+        };
+        let text = text_reload(device)?;
+        let text = Offloaded::loaded("text encoder", text, device, memory.parks_text(), text_reload)?;
 
         let experts: Vec<PathBuf> = if dir.join("high_noise_model").is_dir() {
             vec![dir.join("high_noise_model"), dir.join("low_noise_model")]
@@ -201,13 +256,14 @@ impl<B: Backend> DiffusionBackend<B> {
         }
         let mut model_pool = Vec::new();
         for (i, d) in experts.iter().enumerate() {
-            let dit = WanTransformer::from_dir(d, device)?;
+            let reload = dit_reload(d.clone(), dtype);
+            let dit = reload(device)?;
             let name = ["transformer", "transformer_2"][i];
-            model_pool.push(Offloaded::loaded(name, dit, device, memory.parks_dits())?);
+            model_pool.push(Offloaded::loaded(name, dit, device, memory.parks_dits(), reload)?);
         }
 
         let vae_file = find(dir, &["Wan2.1_VAE.pth", "Wan2.1_VAE.safetensors"])?;
-        let vae = WanVae::from_wan_checkpoint(&vae_file, config.vae.clone(), device)?;
+        let vae = WanVae::from_wan_checkpoint_as(&vae_file, config.vae.clone(), device, options.vae_dtype)?;
         Ok(Self {
             text,
             model_pool,
@@ -218,12 +274,25 @@ impl<B: Backend> DiffusionBackend<B> {
             name: dir.display().to_string(),
             memory,
             text_max_len: text_max_len(&dir.join("google/umt5-xxl")),
+            dtype,
+            release_after_use: options.release_after_use,
         })
     }
 
     /// The embedded tiny Wan2.1-shaped model: 2-layer UMT5 (d 32), 2-block DiT (dim 48),
     /// VAE of base width 8, UniPC with shift 3. Weights are random with a fixed seed.
     pub fn embedded_tiny(device: &B::Device) -> Result<Self, GenError> {
+        Self::embedded_tiny_as(device, Precision::F32)
+    }
+
+    /// [`DiffusionBackend::embedded_tiny`] with the text encoder's and the DiT's weight matrices
+    /// rounded to `dtype` (the same weights at f32 as [`DiffusionBackend::embedded_tiny`]).
+    pub fn embedded_tiny_as(device: &B::Device, dtype: Precision) -> Result<Self, GenError> {
+        let options = LoadOptions {
+            dtype,
+            ..LoadOptions::default()
+        };
+        options.check::<B>(device)?;
         // The weights come from the backend's global RNG, and burn draws a parameter lazily, on
         // its first use. Ranks that build their model at the same time (in-process CFG or CP
         // ranks) would draw from it in turn, mid-run, and get different weights; so each rank
@@ -260,6 +329,12 @@ impl<B: Backend> DiffusionBackend<B> {
         encoder.visit(&mut draw);
         dit.visit(&mut draw);
         vae.visit(&mut draw);
+        let cast = |keep_f32| Cast {
+            precision: dtype,
+            keep_f32,
+        };
+        let encoder = cast_module(encoder, cast(chitu_text::KEEP_F32));
+        let dit = cast_module(dit, cast(chitu_dit::KEEP_F32));
         let text = TextEncoder::new(tokenizer, encoder, device.clone());
         Ok(Self {
             text: Offloaded::new("text encoder", text, device),
@@ -271,6 +346,8 @@ impl<B: Backend> DiffusionBackend<B> {
             name: "embedded-tiny".into(),
             memory: MemoryLevel::default(),
             text_max_len: WAN_TEXT_LEN,
+            dtype,
+            release_after_use: false,
         })
     }
 
@@ -360,6 +437,11 @@ impl<B: Backend> DiffusionBackend<B> {
         }
         Ok(())
     }
+}
+
+/// Loads the transformer folder `dir` (again) in `dtype`.
+fn dit_reload<B: Backend>(dir: PathBuf, dtype: Precision) -> crate::Reload<B, WanTransformer<B>> {
+    Arc::new(move |device| Ok(WanTransformer::from_dir_as(&dir, device, dtype)?))
 }
 
 /// Draws every lazily initialised parameter of a module now.

@@ -37,9 +37,10 @@ pub mod video;
 
 pub use backend::{DiffusionBackend, LoadOptions, MemoryLevel, TINY_WEIGHT_SEED};
 pub use check::CacheCheck;
+pub use chitu_store::Precision;
 pub use host_weights::HostWeights;
 pub use native::{is_wan_native, WanNativeConfig};
-pub use offload::{Offload, OffloadError, Offloaded};
+pub use offload::{Offload, OffloadError, Offloaded, Reload};
 pub use parallel::UlyssesGroup;
 pub use params::DiffusionUserParams;
 pub use pipeline::{seeded_noise, video_to_frames, Generator};
@@ -119,6 +120,16 @@ pub enum GenError {
         /// The communicator's error.
         #[source]
         source: chitu_dist::CommError,
+    },
+    /// The backend cannot hold weights in the asked dtype.
+    #[error("{what} {precision}: this backend ({backend}) cannot hold tensors of that dtype; try --dtype f32")]
+    Dtype {
+        /// Which setting asked for it (`dtype`, `VAE dtype`).
+        what: &'static str,
+        /// The dtype asked for.
+        precision: chitu_store::Precision,
+        /// The backend's name.
+        backend: String,
     },
     /// A tensor became NaN or infinite; the string says which and where.
     #[error("NaN or Inf detected in {0}")]

@@ -1,10 +1,13 @@
 //! Models that leave the device between uses (`--low-mem` 2 and 3).
 //!
-//! An [`Offloaded`] model is either resident on the device or parked as host tensors. Using it
-//! brings it back; the generator parks it again when the request's memory level says so. Only
-//! one copy exists at a time (the tensors move, they are not duplicated), so on a CPU backend,
-//! where the device is host memory, parking saves nothing and costs a copy: the levels are meant
-//! for GPU backends.
+//! An [`Offloaded`] model is resident on the device, parked as host tensors, or released
+//! altogether. Using it brings it back; the generator parks it again when the request's memory
+//! level says so. Only one copy exists at a time (the tensors move, they are not duplicated).
+//!
+//! On a CPU backend the device *is* host memory, so parking would save nothing. There a model
+//! that knows its files ([`Offloaded::reloadable`]) is released instead: dropped, and read again
+//! from its files when it is next used. The files' pages stay in the OS page cache, which RSS
+//! does not count, so the reload costs a read from memory, not from disk, while memory allows.
 
 use crate::{GenError, HostWeights};
 use burn::tensor::backend::Backend;
@@ -99,16 +102,22 @@ impl<B: Backend> Offload<B> for TextEncoder<B> {
 enum Slot<M> {
     Resident(M),
     Parked(HostWeights),
+    /// Dropped; the reload source brings it back.
+    Released,
     /// A move failed half-way (the device ran out of memory while the tensors came back).
     Lost(OffloadError),
 }
 
-/// A model on the device, or parked in host memory until it is next used.
+/// Loads a model again from its files, on a device.
+pub type Reload<B, M> = Arc<dyn Fn(&burn::tensor::Device<B>) -> Result<M, GenError> + Send + Sync>;
+
+/// A model on the device, or parked in host memory, or released, until it is next used.
 pub struct Offloaded<B: Backend, M: Offload<B>> {
     name: String,
     slot: Mutex<Slot<M>>,
     shell: M::Shell,
     device: B::Device,
+    reload: Option<Reload<B, M>>,
 }
 
 impl<B: Backend, M: Offload<B>> Offloaded<B, M> {
@@ -119,13 +128,27 @@ impl<B: Backend, M: Offload<B>> Offloaded<B, M> {
             shell: model.shell(),
             slot: Mutex::new(Slot::Resident(model)),
             device: device.clone(),
+            reload: None,
         }
+    }
+
+    /// Lets the model be released (dropped) and loaded again by `reload` from its files, which
+    /// must give the same weights.
+    pub fn reloadable(mut self, reload: Reload<B, M>) -> Self {
+        self.reload = Some(reload);
+        self
     }
 
     /// Wraps a model that was just loaded on `device`, parking it at once when `park`, so that
     /// loading the next model never finds this one on the device.
-    pub fn loaded(name: impl Into<String>, model: M, device: &B::Device, park: bool) -> Result<Self, GenError> {
-        let slot = Self::new(name, model, device);
+    pub fn loaded(
+        name: impl Into<String>,
+        model: M,
+        device: &B::Device,
+        park: bool,
+        reload: Reload<B, M>,
+    ) -> Result<Self, GenError> {
+        let slot = Self::new(name, model, device).reloadable(reload);
         if park {
             slot.park()?;
         }
@@ -160,7 +183,7 @@ impl<B: Backend, M: Offload<B>> Offloaded<B, M> {
         matches!(*self.lock(), Slot::Resident(_))
     }
 
-    /// Host bytes held while parked (0 when resident).
+    /// Host bytes held while parked (0 when resident or released).
     pub fn parked_bytes(&self) -> usize {
         match &*self.lock() {
             Slot::Parked(host) => host.bytes(),
@@ -168,9 +191,43 @@ impl<B: Backend, M: Offload<B>> Offloaded<B, M> {
         }
     }
 
-    /// Moves the model to host memory, freeing its device memory. Parking a parked model does
-    /// nothing.
+    /// Whether the model is released: held nowhere, to be read again from its files.
+    pub fn is_released(&self) -> bool {
+        matches!(*self.lock(), Slot::Released)
+    }
+
+    /// Frees the model's device memory until it is next used: moves it to host memory or, on a
+    /// CPU backend where that would save nothing, releases it when it can be reloaded. Parking
+    /// a parked model does nothing.
     pub fn park(&self) -> Result<(), GenError> {
+        match chitu_host::host_kernels::<B>() && self.reload.is_some() {
+            true => self.release_if_reloadable(),
+            false => self.park_to_host(),
+        }
+    }
+
+    /// Frees the model's memory on every backend: releases it when it can be reloaded from its
+    /// files, and parks it in host memory otherwise. For a model not needed again soon (the
+    /// text encoder once a one-request run has encoded its prompt).
+    pub fn release(&self) -> Result<(), GenError> {
+        match self.reload.is_some() {
+            true => self.release_if_reloadable(),
+            false => self.park_to_host(),
+        }
+    }
+
+    fn release_if_reloadable(&self) -> Result<(), GenError> {
+        if self.reload.is_some() {
+            let mut slot = self.lock();
+            if matches!(*slot, Slot::Resident(_) | Slot::Parked(_)) {
+                tracing::debug!(model = %self.name, "released; reloads from its files when next used");
+                *slot = Slot::Released;
+            }
+        }
+        Ok(())
+    }
+
+    fn park_to_host(&self) -> Result<(), GenError> {
         let mut slot = self.lock();
         if let Slot::Resident(model) = &*slot {
             let host = model.to_host().map_err(|source| self.error(source))?;
@@ -184,6 +241,15 @@ impl<B: Backend, M: Offload<B>> Offloaded<B, M> {
     /// resident afterwards.
     pub fn with<R>(&self, f: impl FnOnce(&M) -> R) -> Result<R, GenError> {
         let mut slot = self.lock();
+        if matches!(*slot, Slot::Released) {
+            let reload = self
+                .reload
+                .as_ref()
+                .unwrap_or_else(|| unreachable!("only a reloadable model is released"));
+            tracing::debug!(model = %self.name, "reloading from its files");
+            // A failed reload leaves it released: the next use tries again and says why.
+            *slot = Slot::Resident(reload(&self.device)?);
+        }
         if matches!(*slot, Slot::Parked(_)) {
             // Marked lost during the move, so that a panic half-way (the device out of memory)
             // leaves a clear error for every later use instead of a half-built model.
@@ -199,7 +265,7 @@ impl<B: Backend, M: Offload<B>> Offloaded<B, M> {
         match &*slot {
             Slot::Resident(model) => Ok(f(model)),
             Slot::Lost(e) => Err(self.error(OffloadError::Lost(format!("bringing it back to the device: {e}")))),
-            Slot::Parked(_) => unreachable!("restored above"),
+            Slot::Parked(_) | Slot::Released => unreachable!("restored above"),
         }
     }
 }

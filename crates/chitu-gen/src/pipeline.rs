@@ -78,7 +78,7 @@ impl<B: Backend> Generator<B> {
     /// [`GenError::Task`] once their share of the work is done).
     pub fn generate(&self, params: DiffusionUserParams) -> Result<crate::Video, GenError> {
         let task = self.run(DiffusionTask::from_user_request(params)?)?;
-        crate::Video::from_task(task, &self.backend.name)
+        crate::Video::from_task(task, &self.backend)
     }
 
     /// Runs a task to the end and returns it.
@@ -151,6 +151,8 @@ impl<B: Backend> Generator<B> {
         };
         if memory.parks_text() {
             self.backend.text.park()?;
+        } else if self.backend.release_after_use {
+            self.backend.text.release()?;
         }
         let scheduler = self.scheduler(p)?;
         let shape = p.latent_shape(self.backend.vae.config.z_dim);
@@ -308,6 +310,11 @@ impl<B: Backend> Generator<B> {
             true => {
                 let memory = self.backend.memory(task.params.low_mem);
                 self.backend.park_for(memory)?;
+                if self.backend.release_after_use {
+                    for dit in &self.backend.model_pool {
+                        dit.release()?;
+                    }
+                }
                 let video = match memory.tiled_decode() {
                     true => self.decode_vae_tiled(latents.clone())?,
                     false => self.decode_vae(latents.clone())?,

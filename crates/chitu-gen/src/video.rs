@@ -114,18 +114,23 @@ pub struct Video {
     params: DiffusionUserParams,
     timings: StageTimings,
     model: String,
+    dtype: chitu_store::Precision,
 }
 
 impl Video {
-    /// The video of a finished task, made by `model`.
-    pub fn from_task<B: Backend>(task: DiffusionTask<B>, model: &str) -> Result<Self, GenError> {
+    /// The video of a finished task, made by `backend`'s model.
+    pub fn from_task<B: Backend>(
+        task: DiffusionTask<B>,
+        backend: &crate::DiffusionBackend<B>,
+    ) -> Result<Self, GenError> {
         let (params, timings) = (task.params().clone(), task.timings());
         let frames = RgbFrames::from_tensor(crate::video_to_frames(task.into_video()?))?;
         Ok(Self {
             frames,
             params,
             timings,
-            model: model.to_string(),
+            model: backend.name.clone(),
+            dtype: backend.dtype,
         })
     }
 
@@ -151,7 +156,9 @@ impl Video {
 
     /// The JSON sidecar: the request, per-stage timings, peak memory and `files` written.
     pub fn metadata(&self, files: &[PathBuf]) -> serde_json::Value {
-        sidecar(&self.params, &self.timings, &self.model, files)
+        let mut json = sidecar(&self.params, &self.timings, &self.model, files);
+        json["dtype"] = self.dtype.name().into();
+        json
     }
 
     /// Writes `metadata` (from [`Video::metadata`], perhaps extended) as pretty JSON.

@@ -16,6 +16,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use std::any::{Any, TypeId};
 
+pub mod mixed;
+
 /// Whether `B`'s float tensors are burn-flex tensors in host memory, which chitu's CPU kernels
 /// read in place. False for every other backend, including ones that wrap burn-flex.
 pub fn host_kernels<B: Backend>() -> bool {

@@ -3,7 +3,7 @@
 use super::tensors::HostTensor;
 use super::{Case, ParityError};
 use burn::tensor::backend::Backend;
-use chitu_gen::{video_to_frames, DiffusionBackend, DiffusionTask, DiffusionUserParams, Generator};
+use chitu_gen::{video_to_frames, DiffusionBackend, DiffusionTask, DiffusionUserParams, Generator, LoadOptions};
 
 /// The request a `pipeline` case describes: its `params`, and its `cache` when it has one.
 pub fn params(case: &Case) -> Result<DiffusionUserParams, ParityError> {
@@ -49,8 +49,14 @@ pub fn outputs<B: Backend>(case: &Case, device: &B::Device) -> Result<Vec<(&'sta
         .field("model")?
         .as_str()
         .ok_or_else(|| ParityError::Case(format!("case {}: model is not a string", case.name)))?;
-    let backend =
-        DiffusionBackend::<B>::from_dir(case.root.join(model), device).map_err(|e| ParityError::Component(e.into()))?;
+    // Every component at the case's precision, the VAE included: the run checks each of them.
+    let options = LoadOptions {
+        dtype: case.precision,
+        vae_dtype: case.precision,
+        ..LoadOptions::default()
+    };
+    let backend = DiffusionBackend::<B>::load(case.root.join(model), device, options)
+        .map_err(|e| ParityError::Component(e.into()))?;
     let generator = Generator::new(backend);
     let params = params(case)?;
     // Decode only when the case has reference frames.

@@ -10,7 +10,8 @@ fn load<B: Backend>(case: &Case, device: &B::Device) -> Result<WanVae<B>, Parity
         .field("model")?
         .as_str()
         .ok_or_else(|| ParityError::Case(format!("case {}: model is not a string", case.name)))?;
-    WanVae::<B>::from_dir(case.root.join(model), device).map_err(|e| ParityError::Component(e.into()))
+    WanVae::<B>::from_dir_as(case.root.join(model), device, case.precision)
+        .map_err(|e| ParityError::Component(e.into()))
 }
 
 fn usize_field(case: &Case, key: &str) -> Result<usize, ParityError> {

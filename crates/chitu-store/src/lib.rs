@@ -3,7 +3,8 @@
 //! A model crate names its modules after one checkpoint layout and gives one remap table (regex →
 //! replacement, applied in order) per other layout. [`load_strict`] reads one safetensors file,
 //! the shards a `*.safetensors.index.json` lists, or a PyTorch `.pth`/`.pt` pickle, casts float
-//! weights to f32 tensor by tensor as they are read, drops enum variant names from module paths
+//! weights to the load's [`Precision`] (f32 unless asked otherwise) tensor by tensor as they are
+//! read, so that a bf16 file never passes through a whole f32 copy, drops enum variant names from module paths
 //! (PyTorch has none), and fails with the offending keys listed when anything is missing, unexpected
 //! or of the wrong shape: a checkpoint never loads half-way.
 
@@ -21,7 +22,9 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 mod file;
+mod precision;
 mod rows;
+pub use precision::{cast_module, Cast, Precision, UnknownPrecision};
 pub use rows::FileRows;
 
 /// Why a checkpoint could not be loaded. Every variant names the file or the keys at fault, so a
@@ -203,15 +206,31 @@ pub(crate) fn remapper(remap: &[(impl AsRef<str>, impl AsRef<str>)]) -> Result<K
     KeyRemapper::from_patterns(pairs).map_err(|e| LoadError::Remap(e.to_string()))
 }
 
-/// Casts float snapshots to one dtype as they are read (bf16 checkpoints into an f32 model).
+/// Casts float snapshots to the dtype a [`Cast`] gives their module path, as they are read.
 #[derive(Clone)]
-struct CastFloats(DType);
+struct CastFloats {
+    precision: Precision,
+    keep_f32: Vec<String>,
+}
+
+impl CastFloats {
+    fn new(cast: Cast<'_>) -> Self {
+        Self {
+            precision: cast.precision,
+            keep_f32: cast.keep_f32.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+}
 
 impl ModuleAdapter for CastFloats {
     fn adapt(&self, snapshot: &TensorSnapshot) -> TensorSnapshot {
-        let target = self.0;
-        let is_float = matches!(snapshot.dtype, DType::F64 | DType::F32 | DType::F16 | DType::BF16);
-        if !is_float || snapshot.dtype == target {
+        let keep: Vec<&str> = self.keep_f32.iter().map(String::as_str).collect();
+        let cast = Cast {
+            precision: self.precision,
+            keep_f32: &keep,
+        };
+        let target = cast.dtype_of(&snapshot.full_path(), snapshot.shape.num_dims());
+        if !is_float(snapshot.dtype) || snapshot.dtype == target {
             return snapshot.clone();
         }
         let data = snapshot.clone_data_fn();
@@ -230,6 +249,10 @@ impl ModuleAdapter for CastFloats {
     }
 }
 
+fn is_float(dtype: DType) -> bool {
+    matches!(dtype, DType::F64 | DType::F32 | DType::F16 | DType::BF16)
+}
+
 /// What a load applied.
 #[derive(Debug, Clone, Default)]
 pub struct LoadReport {
@@ -242,25 +265,37 @@ pub struct LoadReport {
 /// Loads `files` into `module`, renaming checkpoint keys with `remap` (regex, replacement) pairs.
 /// `.pth`/`.pt` files go through burn-store's PyTorch reader, everything else through its
 /// safetensors reader. Every module tensor must be found once with the right shape and every
-/// checkpoint tensor must be used; `label` names the layout in errors.
+/// checkpoint tensor must be used; `label` names the layout in errors. Every tensor is held in f32.
 pub fn load_strict<B: Backend, M: Module<B>>(
     module: M,
     files: &[PathBuf],
     remap: &[(impl AsRef<str>, impl AsRef<str>)],
     label: &str,
 ) -> Result<(M, LoadReport), LoadError> {
-    load_strict_leaving(module, files, remap, label, &[])
+    load_strict_leaving(module, files, remap, label, &[], Cast::F32)
 }
 
-/// [`load_strict`], except that checkpoint tensors remapped to one of the module paths in `left`
-/// are neither read nor reported as unexpected: the caller reads them some other way (a table
-/// kept in its file, [`FileRows`]).
+/// [`load_strict`], holding each tensor in the dtype `cast` gives it.
+pub fn load_strict_as<B: Backend, M: Module<B>>(
+    module: M,
+    files: &[PathBuf],
+    remap: &[(impl AsRef<str>, impl AsRef<str>)],
+    label: &str,
+    cast: Cast<'_>,
+) -> Result<(M, LoadReport), LoadError> {
+    load_strict_leaving(module, files, remap, label, &[], cast)
+}
+
+/// [`load_strict_as`], except that checkpoint tensors remapped to one of the module paths in
+/// `left` are neither read nor reported as unexpected: the caller reads them some other way (a
+/// table kept in its file, [`FileRows`]).
 pub fn load_strict_leaving<B: Backend, M: Module<B>>(
     module: M,
     files: &[PathBuf],
     remap: &[(impl AsRef<str>, impl AsRef<str>)],
     label: &str,
     left: &[&str],
+    cast: Cast<'_>,
 ) -> Result<(M, LoadReport), LoadError> {
     let remapper = remapper(remap)?;
     let mut module = module;
@@ -301,7 +336,21 @@ pub fn load_strict_leaving<B: Backend, M: Module<B>>(
             })
             .collect();
         snapshots.retain(|s| !left.contains(&s.full_path().as_str()));
-        let adapter = PyTorchToBurnAdapter.chain(CastFloats(DType::F32));
+        // Every module tensor is a float weight: an integer or boolean tensor cannot become one,
+        // and applying it anyway would leave a weight of the wrong kind.
+        if let Some(s) = snapshots.iter().find(|s| !is_float(s.dtype)) {
+            let key = stored
+                .get(&s.full_path())
+                .map_or_else(|| s.full_path(), |(k, _)| k.clone());
+            return Err(LoadError::malformed(
+                file,
+                format!(
+                    "tensor {key} is stored as {:?}, which cannot be converted to a float weight",
+                    s.dtype
+                ),
+            ));
+        }
+        let adapter = PyTorchToBurnAdapter.chain(CastFloats::new(cast));
         let result: ApplyResult = module.apply(snapshots, None, Some(Box::new(adapter)), true);
         let file_missing: BTreeSet<String> = result.missing.iter().map(|(path, _)| path.clone()).collect();
         missing = Some(match missing {

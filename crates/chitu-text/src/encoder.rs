@@ -10,6 +10,7 @@ use burn::tensor::activation::sigmoid;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
+use chitu_host::mixed;
 use chitu_store::FileRows;
 use std::sync::Arc;
 
@@ -121,20 +122,20 @@ impl<B: Backend> Umt5Block<B> {
             let d = t.dims()[2] / h;
             t.reshape([b, l, h, d]).swap_dims(1, 2)
         };
-        let q = heads(self.attn.q.forward(normed.clone()));
-        let k = heads(self.attn.k.forward(normed.clone()));
-        let v = heads(self.attn.v.forward(normed));
+        let q = heads(mixed::linear(&self.attn.q, normed.clone()));
+        let k = heads(mixed::linear(&self.attn.k, normed.clone()));
+        let v = heads(mixed::linear(&self.attn.v, normed));
         let options = AttentionModuleOptions {
             scale: Some(1.0),
             ..Default::default()
         };
         let out = attention(q, k, v, Some(mask), Some(bias), options);
         let [_, _, _, d] = out.dims();
-        let x = x + self.attn.o.forward(out.swap_dims(1, 2).reshape([b, l, h * d]));
+        let x = x + mixed::linear(&self.attn.o, out.swap_dims(1, 2).reshape([b, l, h * d]));
 
         let normed = self.norm2.forward(x.clone());
-        let gate = gelu_tanh(self.ffn.wi_0.forward(normed.clone()));
-        x + self.ffn.wo.forward(gate * self.ffn.wi_1.forward(normed))
+        let gate = gelu_tanh(mixed::linear(&self.ffn.wi_0, normed.clone()));
+        x + mixed::linear(&self.ffn.wo, gate * mixed::linear(&self.ffn.wi_1, normed))
     }
 }
 
@@ -229,7 +230,8 @@ impl<B: Backend> Umt5Encoder<B> {
         let l = ids.len() / batch;
         if let Some(table) = &self.token_embedding {
             let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.to_vec(), [batch, l]), device);
-            return Ok(table.forward(ids));
+            // A table held narrow gives narrow rows; the encoder runs on f32.
+            return Ok(mixed::cast(table.forward(ids), burn::tensor::DType::F32));
         }
         let rows = self.token_rows.as_ref().ok_or(TextError::NoTokenTable)?;
         let ids: Vec<usize> = ids.iter().map(|&i| i as usize).collect();

@@ -23,9 +23,10 @@ mod encoder;
 mod load;
 mod tokenizer;
 
+pub use chitu_store::Precision;
 pub use config::Umt5Config;
 pub use encoder::{relative_position_bucket, TextEncoder, Umt5Block, Umt5Encoder};
-pub use load::{TextLayout, TokenTable};
+pub use load::{TextLayout, TokenTable, KEEP_F32};
 pub use tokenizer::{clean_prompt, Encoded, T5Tokenizer};
 
 /// Errors from the tokenizer or the encoder.

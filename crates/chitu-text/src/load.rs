@@ -3,7 +3,7 @@
 use crate::{T5Tokenizer, TextEncoder, TextError, Umt5Config, Umt5Encoder};
 use burn::nn::EmbeddingConfig;
 use burn::tensor::backend::Backend;
-use chitu_store::{load_strict_leaving, read_json, weight_files, FileRows};
+use chitu_store::{load_strict_leaving, read_json, weight_files, Cast, FileRows, Precision};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -71,19 +71,25 @@ pub enum TokenTable {
 /// The module path of the token table.
 const TABLE: &str = "token_embedding.weight";
 
+/// Module-path segments held in f32 at every precision: the relative-position bias tables, which
+/// add straight onto the attention scores. Vectors (the RMS norm gains) stay f32 too.
+pub const KEEP_F32: &[&str] = &["pos_embedding"];
+
 impl<B: Backend> Umt5Encoder<B> {
-    /// Loads weights (safetensors files or shards, or a `.pth`) in the given layout, leaving the
-    /// token table in its file ([`TokenTable::InFile`]).
+    /// Loads f32 weights (safetensors files or shards, or a `.pth`) in the given layout, leaving
+    /// the token table in its file ([`TokenTable::InFile`]).
     pub fn load_weights(self, files: &[PathBuf], layout: TextLayout) -> Result<Self, TextError> {
-        self.load_weights_with(files, layout, TokenTable::default())
+        self.load_weights_with(files, layout, TokenTable::default(), Precision::F32)
     }
 
-    /// Loads weights in the given layout, keeping the token table where `table` says.
+    /// Loads weights in the given layout, keeping the token table where `table` says and the
+    /// weight matrices in `precision` (a table left in its file is read as f32 rows).
     pub fn load_weights_with(
         mut self,
         files: &[PathBuf],
         layout: TextLayout,
         table: TokenTable,
+        precision: Precision,
     ) -> Result<Self, TextError> {
         let label = format!("{layout:?} UMT5");
         let (vocab, d) = (self.config.vocab_size, self.config.d_model);
@@ -100,7 +106,11 @@ impl<B: Backend> Umt5Encoder<B> {
             self.token_embedding = Some(EmbeddingConfig::new(vocab, d).init(&device));
         }
         let left: &[&str] = if rows.is_some() { &[TABLE] } else { &[] };
-        let (mut encoder, _) = load_strict_leaving(self, files, layout.remap_table(), &label, left)?;
+        let cast = Cast {
+            precision,
+            keep_f32: KEEP_F32,
+        };
+        let (mut encoder, _) = load_strict_leaving(self, files, layout.remap_table(), &label, left, cast)?;
         encoder.token_rows = rows.map(Arc::new);
         Ok(encoder)
     }
@@ -108,21 +118,35 @@ impl<B: Backend> Umt5Encoder<B> {
     /// Loads a transformers `text_encoder/` folder: `config.json` plus `model.safetensors` or
     /// shards with `model.safetensors.index.json`.
     pub fn from_dir(dir: impl AsRef<Path>, device: &B::Device) -> Result<Self, TextError> {
+        Self::from_dir_as(dir, device, Precision::F32)
+    }
+
+    /// [`Umt5Encoder::from_dir`], holding the weight matrices in `precision`.
+    pub fn from_dir_as(dir: impl AsRef<Path>, device: &B::Device, precision: Precision) -> Result<Self, TextError> {
         let dir = dir.as_ref();
         let path = dir.join("config.json");
         let json = read_json(&path)?;
         let config = Umt5Config::from_json(&json).map_err(|e| TextError::Config(format!("{}: {e}", path.display())))?;
         let files = weight_files(dir, "model")?;
-        Self::new(config, device)?.load_weights(&files, TextLayout::Transformers)
+        Self::new(config, device)?.load_weights_with(&files, TextLayout::Transformers, TokenTable::default(), precision)
     }
 }
 
 impl<B: Backend> TextEncoder<B> {
     /// Loads `tokenizer/tokenizer.json` and `text_encoder/` of a diffusers pipeline folder.
     pub fn from_pipeline_dir(dir: impl AsRef<Path>, device: &B::Device) -> Result<Self, TextError> {
+        Self::from_pipeline_dir_as(dir, device, Precision::F32)
+    }
+
+    /// [`TextEncoder::from_pipeline_dir`], holding the weight matrices in `precision`.
+    pub fn from_pipeline_dir_as(
+        dir: impl AsRef<Path>,
+        device: &B::Device,
+        precision: Precision,
+    ) -> Result<Self, TextError> {
         let dir = dir.as_ref();
         let tokenizer = T5Tokenizer::from_file(dir.join("tokenizer/tokenizer.json"))?;
-        let encoder = Umt5Encoder::from_dir(dir.join("text_encoder"), device)?;
+        let encoder = Umt5Encoder::from_dir_as(dir.join("text_encoder"), device, precision)?;
         Ok(Self::new(tokenizer, encoder, device.clone()))
     }
 
@@ -134,9 +158,25 @@ impl<B: Backend> TextEncoder<B> {
         config: Umt5Config,
         device: &B::Device,
     ) -> Result<Self, TextError> {
+        Self::from_wan_files_as(checkpoint, tokenizer, config, device, Precision::F32)
+    }
+
+    /// [`TextEncoder::from_wan_files`], holding the weight matrices in `precision`.
+    pub fn from_wan_files_as(
+        checkpoint: impl AsRef<Path>,
+        tokenizer: impl AsRef<Path>,
+        config: Umt5Config,
+        device: &B::Device,
+        precision: Precision,
+    ) -> Result<Self, TextError> {
         let tokenizer = T5Tokenizer::from_file(tokenizer)?;
-        let encoder =
-            Umt5Encoder::new(config, device)?.load_weights(&[checkpoint.as_ref().to_owned()], TextLayout::Wan)?;
+        let files = [checkpoint.as_ref().to_owned()];
+        let encoder = Umt5Encoder::new(config, device)?.load_weights_with(
+            &files,
+            TextLayout::Wan,
+            TokenTable::default(),
+            precision,
+        )?;
         Ok(Self::new(tokenizer, encoder, device.clone()))
     }
 }

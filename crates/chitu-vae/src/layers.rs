@@ -7,6 +7,9 @@ use burn::tensor::activation::silu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::{AttentionModuleOptions, PadMode};
 use burn::tensor::{backend::Backend, Tensor};
+// Weights are widened to their input's dtype at each use, so a weight held in bf16 meets the
+// same kernels as an f32 one.
+use chitu_host::{is_host_f32, mixed};
 
 /// Frames of a causal conv's input kept between chunks.
 pub const CACHE_T: usize = 2;
@@ -113,7 +116,7 @@ impl<B: Backend> CausalConv3d<B> {
 
     /// Runs the conv, prepending `cache` frames in place of (some of) the left zero padding.
     pub fn forward(&self, x: Tensor<B, 5>, cache: Option<&Tensor<B, 5>>) -> Tensor<B, 5> {
-        if on_host(&x, &self.weight.val()) {
+        if is_host_f32(&x) {
             return self.forward_host(x, cache.cloned(), Prologue::Copy, 0).0;
         }
         let mut x = x;
@@ -125,7 +128,8 @@ impl<B: Backend> CausalConv3d<B> {
         if pad_t > 0 {
             x = x.pad([(pad_t, 0), (0, 0), (0, 0)], PadMode::Constant(0.0));
         }
-        conv3d_t(x, self.weight.val(), self.bias.val(), self.stride, self.pad_s)
+        let w = mixed::like(self.weight.val(), &x);
+        conv3d_t(x, w, self.bias.val(), self.stride, self.pad_s)
     }
 
     /// [`Self::forward`] on the host kernel, with `prologue` applied to `x` and the last `keep`
@@ -139,7 +143,7 @@ impl<B: Backend> CausalConv3d<B> {
     ) -> (Tensor<B, 5>, Option<Tensor<B, 5>>) {
         let prev = cache.filter(|_| self.pad_t > 0);
         let zero_t = self.pad_t - prev.as_ref().map_or(0, |c| c.dims()[2].min(self.pad_t));
-        let (w, b) = (self.weight.val(), self.bias.val());
+        let (w, b) = (mixed::like(self.weight.val(), &x), self.bias.val());
         causal_conv_host(x, prev, zero_t, self.pad_s, prologue, w, b, self.stride, keep)
     }
 
@@ -161,7 +165,7 @@ impl<B: Backend> CausalConv3d<B> {
 
     fn cached(&self, x: Tensor<B, 5>, norm: Option<&RmsNorm<B, 4>>, cache: &mut FeatCache<B>) -> Tensor<B, 5> {
         let idx = cache.claim();
-        if on_host(&x, &self.weight.val()) && self.pad_t >= CACHE_T {
+        if is_host_f32(&x) && self.pad_t >= CACHE_T {
             // Taken, not cloned, so that the host conv can reuse the frames' buffer.
             let prev = match std::mem::replace(&mut cache.slots[idx], Slot::Empty) {
                 Slot::Frames(t) => Some(t),
@@ -306,7 +310,7 @@ impl<B: Backend> PointConv<B> {
     /// `[N, S, in]` tokens to `[N, S, out]`.
     fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [c_out, c_in, _, _] = self.weight.dims();
-        let w: Tensor<B, 2> = self.weight.val().reshape([c_out, c_in]);
+        let w: Tensor<B, 2> = mixed::like(self.weight.val(), &x).reshape([c_out, c_in]);
         x.matmul(w.transpose().unsqueeze()) + self.bias.val().unsqueeze()
     }
 }
@@ -423,11 +427,12 @@ impl<B: Backend> Resample<B> {
         if self.mode == 1 {
             x = self.time_upsample(x, cache);
         }
-        if self.mode <= 1 && on_host(&x, &self.resample.weight.val()) {
+        let weight = mixed::like(self.resample.weight.val(), &x);
+        if self.mode <= 1 && on_host(&x, &weight) {
             // Upsampling fused into the conv's input copy, and the per-frame conv as a 1x3x3
             // conv over [b, c, t, h, w]: neither the 4x larger upsampled tensor nor the
             // frame-major copies exist.
-            let (w, b) = (self.resample.weight.val().unsqueeze_dim(2), self.resample.bias.val());
+            let (w, b) = (weight.unsqueeze_dim(2), self.resample.bias.val());
             return causal_conv_host(x, None, 0, 1, Prologue::Upsample2x, w, b, 1, 0).0;
         }
         let [b, c, t, h, w] = x.dims();
@@ -436,10 +441,10 @@ impl<B: Backend> Resample<B> {
             // Nearest x2 ("nearest-exact" with an integer factor): every pixel becomes a 2x2 block.
             let up: Tensor<B, 6> = frames.reshape([b * t, c, h, 1, w, 1]);
             let up = up.expand([b * t, c, h, 2, w, 2]).reshape([b * t, c, 2 * h, 2 * w]);
-            conv2d_s(up, self.resample.weight.val(), self.resample.bias.val(), 1, 1)
+            conv2d_s(up, weight, self.resample.bias.val(), 1, 1)
         } else {
             let padded = frames.pad((0, 1, 0, 1), PadMode::Constant(0.0));
-            conv2d_s(padded, self.resample.weight.val(), self.resample.bias.val(), 2, 0)
+            conv2d_s(padded, weight, self.resample.bias.val(), 2, 0)
         };
         let [_, c2, h2, w2] = frames.dims();
         let mut x: Tensor<B, 5> = frames.reshape([b, t, c2, h2, w2]).swap_dims(1, 2);

@@ -23,8 +23,9 @@ mod model;
 mod scratch;
 mod tiling;
 
+pub use chitu_store::Precision;
 pub use config::WanVaeConfig;
-pub use load::VaeLayout;
+pub use load::{VaeLayout, KEEP_F32};
 pub use model::{Decoder, DownLayer, Encoder, Posterior, UpBlock, WanVae};
 pub use tiling::TileConfig;
 

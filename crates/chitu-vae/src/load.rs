@@ -2,7 +2,7 @@
 
 use crate::{VaeError, WanVae, WanVaeConfig};
 use burn::tensor::backend::Backend;
-use chitu_store::{load_strict, read_json, weight_files};
+use chitu_store::{load_strict_as, read_json, weight_files, Cast, Precision};
 use std::path::{Path, PathBuf};
 
 /// Which naming scheme a VAE checkpoint uses.
@@ -78,24 +78,42 @@ impl VaeLayout {
     }
 }
 
+/// Module-path segments held in f32 at every precision: the RMS norms' gains (which the VAE
+/// stores as `[C, 1, 1, 1]`, so the rank rule alone would not keep them).
+pub const KEEP_F32: &[&str] = &["gamma"];
+
 impl<B: Backend> WanVae<B> {
-    /// Loads weights in the given layout.
+    /// Loads f32 weights in the given layout.
     pub fn load_weights(self, files: &[PathBuf], layout: VaeLayout) -> Result<Self, VaeError> {
+        self.load_weights_as(files, layout, Precision::F32)
+    }
+
+    /// Loads weights in the given layout, holding the conv kernels in `precision`.
+    pub fn load_weights_as(self, files: &[PathBuf], layout: VaeLayout, precision: Precision) -> Result<Self, VaeError> {
         let table = layout.remap_table(&self.config);
-        load_strict(self, files, &table, &format!("{layout:?} VAE"))
+        let cast = Cast {
+            precision,
+            keep_f32: KEEP_F32,
+        };
+        load_strict_as(self, files, &table, &format!("{layout:?} VAE"), cast)
             .map(|(m, _)| m)
             .map_err(VaeError::from)
     }
 
     /// Loads a diffusers `vae/` folder: `config.json` and `diffusion_pytorch_model.safetensors`.
     pub fn from_dir(dir: impl AsRef<Path>, device: &B::Device) -> Result<Self, VaeError> {
+        Self::from_dir_as(dir, device, Precision::F32)
+    }
+
+    /// [`WanVae::from_dir`], holding the conv kernels in `precision`.
+    pub fn from_dir_as(dir: impl AsRef<Path>, device: &B::Device, precision: Precision) -> Result<Self, VaeError> {
         let dir = dir.as_ref();
         let path = dir.join("config.json");
         let json = read_json(&path)?;
         let config =
             WanVaeConfig::from_json(&json).map_err(|e| VaeError::Config(format!("{}: {e}", path.display())))?;
         let files = weight_files(dir, "diffusion_pytorch_model")?;
-        Self::new(config, device)?.load_weights(&files, VaeLayout::Diffusers)
+        Self::new(config, device)?.load_weights_as(&files, VaeLayout::Diffusers, precision)
     }
 
     /// Loads Wan's own VAE checkpoint (`Wan2.1_VAE.pth`, or the same keys in safetensors) for a
@@ -105,6 +123,16 @@ impl<B: Backend> WanVae<B> {
         config: WanVaeConfig,
         device: &B::Device,
     ) -> Result<Self, VaeError> {
-        Self::new(config, device)?.load_weights(&[path.as_ref().to_owned()], VaeLayout::Wan)
+        Self::from_wan_checkpoint_as(path, config, device, Precision::F32)
+    }
+
+    /// [`WanVae::from_wan_checkpoint`], holding the conv kernels in `precision`.
+    pub fn from_wan_checkpoint_as(
+        path: impl AsRef<Path>,
+        config: WanVaeConfig,
+        device: &B::Device,
+        precision: Precision,
+    ) -> Result<Self, VaeError> {
+        Self::new(config, device)?.load_weights_as(&[path.as_ref().to_owned()], VaeLayout::Wan, precision)
     }
 }

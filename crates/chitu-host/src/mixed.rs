@@ -1,0 +1,112 @@
+//! Weights held in a narrower dtype than the activations they meet.
+//!
+//! With `--dtype bf16` a model's matrices are held in bf16 while activations stay f32 (see
+//! chitu-store's `Precision`). burn's ops want one dtype on both sides, so every use of a weight
+//! goes through [`like`], which widens it for that one op: memory holds the narrow copy, and one
+//! layer's f32 copy at a time. On burn-flex the widening runs in parallel, straight from the
+//! narrow bits (burn-flex's own cast runs on one thread through f64).
+
+use crate::host_kernels;
+use burn::nn::Linear;
+use burn::tensor::backend::Backend;
+use burn::tensor::{bf16, f16, DType, Tensor, TensorData, TensorPrimitive};
+use rayon::prelude::*;
+use std::any::Any;
+
+/// `t` in `dtype`; a no-op when it is already.
+pub fn cast<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+    if t.dtype() == dtype {
+        return t;
+    }
+    if host_kernels::<B>() && dtype == DType::F32 {
+        if let Some(wide) = widen_host(&t) {
+            return wide;
+        }
+    }
+    t.cast(dtype)
+}
+
+/// `t` in `other`'s dtype: a weight brought to its activation's.
+pub fn like<B: Backend, const D: usize, const E: usize>(t: Tensor<B, D>, other: &Tensor<B, E>) -> Tensor<B, D> {
+    cast(t, other.dtype())
+}
+
+/// burn's `Linear::forward` with the weight and bias in `x`'s dtype.
+pub fn linear<B: Backend, const D: usize>(layer: &Linear<B>, x: Tensor<B, D>) -> Tensor<B, D> {
+    let weight = like(layer.weight.val(), &x);
+    let bias = layer.bias.as_ref().map(|b| like(b.val(), &x));
+    burn::tensor::module::linear(x, weight, bias)
+}
+
+/// A burn-flex bf16 or f16 tensor as f32, converted in parallel; `None` for anything else.
+fn widen_host<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<Tensor<B, D>> {
+    let (shape, device) = (t.shape(), t.device());
+    let prim: Box<dyn Any> = Box::new(t.clone().into_primitive().tensor());
+    let flex = prim.downcast::<burn_flex::FlexTensor>().ok()?;
+    const CHUNK: usize = 1 << 16;
+    let wide: Vec<f32> = match flex.dtype() {
+        DType::BF16 => {
+            let src = flex.as_slice::<bf16>()?;
+            let mut out = vec![0f32; src.len()];
+            out.par_chunks_mut(CHUNK)
+                .zip(src.par_chunks(CHUNK))
+                .for_each(|(o, s)| o.iter_mut().zip(s).for_each(|(o, s)| *o = s.to_f32()));
+            out
+        }
+        DType::F16 => {
+            let src = flex.as_slice::<f16>()?;
+            let mut out = vec![0f32; src.len()];
+            out.par_chunks_mut(CHUNK)
+                .zip(src.par_chunks(CHUNK))
+                .for_each(|(o, s)| o.iter_mut().zip(s).for_each(|(o, s)| *o = s.to_f32()));
+            out
+        }
+        _ => return None,
+    };
+    let t = Tensor::<B, D>::from_data(TensorData::new(wide, shape), &device);
+    debug_assert!(matches!(t.clone().into_primitive(), TensorPrimitive::Float(_)));
+    Some(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::nn::LinearConfig;
+    use burn::tensor::Distribution;
+    use burn_flex::Flex;
+
+    #[test]
+    fn widening_matches_burns_cast_exactly() {
+        let dev = Default::default();
+        let x = Tensor::<Flex, 2>::random([300, 700], Distribution::Normal(0.0, 3.0), &dev);
+        for dtype in [DType::BF16, DType::F16] {
+            let narrow = x.clone().cast(dtype);
+            let ours = cast(narrow.clone(), DType::F32);
+            assert_eq!(ours.dtype(), DType::F32);
+            ours.into_data()
+                .assert_eq(&narrow.clone().cast(DType::F32).into_data(), true);
+            // A strided view is not read in place; it takes burn's path, with the same values.
+            let view = cast(narrow.clone().transpose(), DType::F32);
+            view.into_data()
+                .assert_eq(&narrow.transpose().cast(DType::F32).into_data(), true);
+        }
+    }
+
+    #[test]
+    fn a_narrow_linear_runs_on_wide_inputs() {
+        let dev = Default::default();
+        let mut wide = LinearConfig::new(8, 5).init::<Flex>(&dev);
+        // Drawn once: a lazy parameter's clones would each draw their own.
+        let w = Tensor::<Flex, 2>::random([8, 5], Distribution::Normal(0.0, 1.0), &dev);
+        wide.weight = burn::module::Param::from_tensor(w);
+        wide.bias = Some(burn::module::Param::from_tensor(Tensor::ones([5], &dev)));
+        let x = Tensor::<Flex, 3>::random([2, 3, 8], Distribution::Normal(0.0, 1.0), &dev);
+        let mut narrow = wide.clone();
+        narrow.weight = narrow.weight.map(|w| w.cast(DType::BF16));
+        let got = linear(&narrow, x.clone());
+        assert_eq!(got.dtype(), DType::F32);
+        let mut rounded = wide.clone();
+        rounded.weight = rounded.weight.map(|w| w.cast(DType::BF16).cast(DType::F32));
+        got.into_data().assert_eq(&rounded.forward(x).into_data(), true);
+    }
+}
