@@ -4,6 +4,13 @@
 #
 #   bash bench/run.sh                 # all workloads, all cores, 3 runs each after a warm-up (30 for the pipeline)
 #   THREADS=2 RUNS=5 WORKLOADS="dit umt5" bash bench/run.sh
+#   FULLSIZE_DIR=/data/wan-full WORKLOADS=fullsize THREADS=2 bash bench/run.sh
+#
+# `fullsize` is the memory benchmark: one request (240x416, 9 frames, 2 steps, CFG) on a full-size
+# random Wan2.1-T2V-1.3B folder that ../shared/tools/make_fullsize.py wrote to FULLSIZE_DIR (about
+# 14 GB; never in CI), by chitu at each of FULLSIZE_DTYPES (default "f32 bf16") and by diffusers'
+# WanPipeline at each of TORCH_DTYPES (default "bf16"), one process each, so that each peak RSS
+# is its own. It prints its own table (bench/results/fullsize.md).
 #
 # On first use it creates a throwaway venv outside the repository (BENCH_VENV, default
 # ~/.cache/chitu-bench/venv) and installs torch, diffusers and transformers into it. Model weights
@@ -24,7 +31,7 @@ if ! "$PY" -c "import torch, diffusers, transformers, accelerate" 2>/dev/null; t
     "$BENCH_VENV/bin/pip" install --quiet --upgrade pip
     "$BENCH_VENV/bin/pip" install --quiet torch diffusers transformers accelerate sentencepiece safetensors numpy
 fi
-if [ ! -f "$BENCH_WORK/.done" ]; then
+if [ "$WORKLOADS" != fullsize ] && [ ! -f "$BENCH_WORK/.done" ]; then
     echo "writing random-weight models and inputs to $BENCH_WORK" >&2
     mkdir -p "$BENCH_WORK"
     "$PY" bench/torch_side.py make "$BENCH_WORK"
@@ -34,6 +41,22 @@ cargo build --release --example bench_compare >&2
 
 LINES=$(mktemp)
 for w in $WORKLOADS; do
+    if [ "$w" = fullsize ]; then
+        : "${FULLSIZE_DIR:?set FULLSIZE_DIR to a make_fullsize.py folder}"
+        cargo build --release --example bench_fullsize >&2
+        FULL_LINES=$(mktemp)
+        for dt in ${FULLSIZE_DTYPES:-f32 bf16}; do
+            echo "full size: chitu $dt" >&2
+            RAYON_NUM_THREADS=$THREADS target/release/examples/bench_fullsize "$FULLSIZE_DIR" "$dt" | tee -a "$FULL_LINES" >&2
+        done
+        for dt in ${TORCH_DTYPES:-bf16}; do
+            echo "full size: diffusers $dt" >&2
+            OMP_NUM_THREADS=$THREADS "$PY" bench/fullsize_diffusers.py "$FULLSIZE_DIR" "$dt" "$THREADS" | tee -a "$FULL_LINES" >&2
+        done
+        mkdir -p bench/results
+        "$PY" bench/fullsize_report.py "$FULL_LINES" | tee bench/results/fullsize.md
+        continue
+    fi
     # The pipeline on the parity model takes tens of milliseconds, so a few runs give a median
     # that moves by half between sessions; ten times as many keep it steady.
     runs=$RUNS
@@ -44,4 +67,6 @@ for w in $WORKLOADS; do
     OMP_NUM_THREADS=$THREADS "$PY" bench/torch_side.py time "$w" "$BENCH_WORK" "$THREADS" "$runs" | tee -a "$LINES" >&2
 done
 mkdir -p bench/results
-"$PY" bench/report.py "$LINES" bench/results
+if [ -s "$LINES" ]; then
+    "$PY" bench/report.py "$LINES" bench/results
+fi

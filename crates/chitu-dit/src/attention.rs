@@ -39,7 +39,10 @@ impl<B: Backend> AttentionOp<B> for Wrapped<'_, B> {
 pub enum AttentionKind {
     /// [`AttentionKind::Reference`] on backends with host kernels (burn-flex, see
     /// [`chitu_host::host_kernels`]), where it measured about 2x faster (BENCHMARKS.md);
-    /// [`AttentionKind::Fused`] on every other backend.
+    /// [`AttentionKind::Fused`] on every other backend while the `[B, H, Sq, Sk]` f32 scores
+    /// fit in [`SCORE_BUDGET_BYTES`], and the blocked reference kernel beyond. burn's fused op
+    /// falls back to materialising the whole score matrix for shapes its flash kernel refuses
+    /// (and its CUDA autotuner times that fallback too): 51 GB for Wan2.1-1.3B at 480p.
     #[default]
     Auto,
     /// burn's attention op (a flash kernel on CUDA and on flex).
@@ -53,16 +56,18 @@ pub enum AttentionKind {
 pub const SCORE_BUDGET_BYTES: usize = 256 << 20;
 
 impl AttentionKind {
-    /// The concrete kernel for backend `B` (the device does not change the choice).
-    pub fn resolve<B: Backend>(self, _device: &B::Device) -> Self {
+    /// The concrete kernel for backend `B` on a short sequence (the device does not change
+    /// the choice); see [`AttentionKind::resolve_for`].
+    pub fn resolve<B: Backend>(self, device: &B::Device) -> Self {
+        self.resolve_for::<B>(device, 0)
+    }
+
+    /// The concrete kernel for backend `B` when the attention's f32 scores `[B, H, Sq, Sk]`
+    /// take `score_bytes`.
+    pub fn resolve_for<B: Backend>(self, _device: &B::Device, score_bytes: usize) -> Self {
         match self {
-            Self::Auto => {
-                if chitu_host::host_kernels::<B>() {
-                    Self::Reference
-                } else {
-                    Self::Fused
-                }
-            }
+            Self::Auto if chitu_host::host_kernels::<B>() || score_bytes > SCORE_BUDGET_BYTES => Self::Reference,
+            Self::Auto => Self::Fused,
             kind => kind,
         }
     }
@@ -103,11 +108,11 @@ impl<B: Backend> AttentionOp<B> for AttentionKind {
     fn attend(&self, q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, key_padding: KeyPadding<B>) -> Tensor<B, 4> {
         // Heads first for the kernels.
         let (q, k, v) = (q.swap_dims(1, 2), k.swap_dims(1, 2), v.swap_dims(1, 2));
-        let out = match self.resolve::<B>(&q.device()) {
+        let ([b, h, sq, _], sk) = (q.dims(), k.dims()[2]);
+        let score_bytes = [b, h, sq, sk, 4].iter().fold(1usize, |a, &n| a.saturating_mul(n));
+        let out = match self.resolve_for::<B>(&q.device(), score_bytes) {
             Self::Reference => blocked_attention(q, k, v, key_padding, SCORE_BUDGET_BYTES),
             _ => {
-                let [b, h, sq, _] = q.dims();
-                let sk = k.dims()[2];
                 let mask = key_padding.map(|m| m.reshape([b, 1, 1, sk]).expand([b, h, sq, sk]));
                 attention(q, k, v, mask, None, AttentionModuleOptions::default())
             }
@@ -161,6 +166,27 @@ mod tests {
         one_block
             .into_data()
             .assert_approx_eq::<f32>(&blocks.into_data(), Tolerance::absolute(1e-6));
+    }
+
+    #[test]
+    fn auto_never_gives_a_long_sequence_to_the_fused_op_elsewhere() {
+        // Autodiff<Flex> has no host kernels: it stands for CUDA here.
+        type Other = burn_autodiff::Autodiff<Flex>;
+        let dev = Default::default();
+        assert_eq!(
+            AttentionKind::Auto.resolve_for::<Other>(&dev, 1 << 20),
+            AttentionKind::Fused
+        );
+        let wan_480p = 12 * 32760 * 32760 * 4;
+        assert_eq!(
+            AttentionKind::Auto.resolve_for::<Other>(&dev, wan_480p),
+            AttentionKind::Reference
+        );
+        // Asked for by name, the fused op is used whatever the length.
+        assert_eq!(
+            AttentionKind::Fused.resolve_for::<Other>(&dev, wan_480p),
+            AttentionKind::Fused
+        );
     }
 
     #[test]

@@ -33,6 +33,19 @@ pub struct LoadOptions {
 }
 
 impl LoadOptions {
+    /// `dit` released at once in a one-request run: loading it checked its files, and it comes
+    /// back after the prompts are encoded, so that the text encoder and the DiTs are never
+    /// resident together.
+    fn released_if_one_shot<B: Backend>(
+        &self,
+        dit: Offloaded<B, WanTransformer<B>>,
+    ) -> Result<Offloaded<B, WanTransformer<B>>, GenError> {
+        if self.release_after_use {
+            dit.release()?;
+        }
+        Ok(dit)
+    }
+
     /// Refuses a dtype the backend cannot hold on `device`.
     fn check<B: Backend>(&self, device: &B::Device) -> Result<(), GenError> {
         for (what, precision) in [("dtype", self.dtype), ("VAE dtype", self.vae_dtype)] {
@@ -164,12 +177,6 @@ impl<B: Backend> DiffusionBackend<B> {
         options.check::<B>(device)?;
         let memory = MemoryLevel(options.low_mem);
         let dtype = options.dtype;
-        let text_reload: crate::Reload<B, TextEncoder<B>> = {
-            let dir = dir.to_path_buf();
-            Arc::new(move |device| Ok(TextEncoder::from_pipeline_dir_as(&dir, device, dtype)?))
-        };
-        let text = text_reload(device)?;
-        let text = Offloaded::loaded("text encoder", text, device, memory.parks_text(), text_reload)?;
         let names: &[&str] = if second {
             &["transformer", "transformer_2"]
         } else {
@@ -179,9 +186,17 @@ impl<B: Backend> DiffusionBackend<B> {
         for name in names {
             let reload = dit_reload(dir.join(name), dtype);
             let dit = reload(device)?;
-            model_pool.push(Offloaded::loaded(*name, dit, device, memory.parks_dits(), reload)?);
+            let dit = Offloaded::loaded(*name, dit, device, memory.parks_dits(), reload)?;
+            model_pool.push(options.released_if_one_shot(dit)?);
         }
         let vae = WanVae::from_dir_as(dir.join("vae"), device, options.vae_dtype)?;
+        // Loaded last: a one-request run encodes with it first, while the DiTs wait released.
+        let text_reload: crate::Reload<B, TextEncoder<B>> = {
+            let dir = dir.to_path_buf();
+            Arc::new(move |device| Ok(TextEncoder::from_pipeline_dir_as(&dir, device, dtype)?))
+        };
+        let text = text_reload(device)?;
+        let text = Offloaded::loaded("text encoder", text, device, memory.parks_text(), text_reload)?;
         let scheduler =
             SchedulerSpec::from_json(&chitu_store::read_json(&dir.join("scheduler/scheduler_config.json"))?)?;
         Ok(Self {
@@ -224,20 +239,6 @@ impl<B: Backend> DiffusionBackend<B> {
             ],
         )?;
         let tokenizer = find(&dir.join("google/umt5-xxl"), &["tokenizer.json"])?;
-        let text_reload: crate::Reload<B, TextEncoder<B>> = {
-            let text_config = config.text.clone();
-            Arc::new(move |device| {
-                Ok(TextEncoder::from_wan_files_as(
-                    &t5,
-                    &tokenizer,
-                    text_config.clone(),
-                    device,
-                    dtype,
-                )?)
-            })
-        };
-        let text = text_reload(device)?;
-        let text = Offloaded::loaded("text encoder", text, device, memory.parks_text(), text_reload)?;
 
         let experts: Vec<PathBuf> = if dir.join("high_noise_model").is_dir() {
             vec![dir.join("high_noise_model"), dir.join("low_noise_model")]
@@ -259,11 +260,27 @@ impl<B: Backend> DiffusionBackend<B> {
             let reload = dit_reload(d.clone(), dtype);
             let dit = reload(device)?;
             let name = ["transformer", "transformer_2"][i];
-            model_pool.push(Offloaded::loaded(name, dit, device, memory.parks_dits(), reload)?);
+            let dit = Offloaded::loaded(name, dit, device, memory.parks_dits(), reload)?;
+            model_pool.push(options.released_if_one_shot(dit)?);
         }
 
         let vae_file = find(dir, &["Wan2.1_VAE.pth", "Wan2.1_VAE.safetensors"])?;
         let vae = WanVae::from_wan_checkpoint_as(&vae_file, config.vae.clone(), device, options.vae_dtype)?;
+        // Loaded last, as in `load`.
+        let text_reload: crate::Reload<B, TextEncoder<B>> = {
+            let text_config = config.text.clone();
+            Arc::new(move |device| {
+                Ok(TextEncoder::from_wan_files_as(
+                    &t5,
+                    &tokenizer,
+                    text_config.clone(),
+                    device,
+                    dtype,
+                )?)
+            })
+        };
+        let text = text_reload(device)?;
+        let text = Offloaded::loaded("text encoder", text, device, memory.parks_text(), text_reload)?;
         Ok(Self {
             text,
             model_pool,

@@ -4,7 +4,9 @@
 //! chitu-store's `Precision`). burn's ops want one dtype on both sides, so every use of a weight
 //! goes through [`like`], which widens it for that one op: memory holds the narrow copy, and one
 //! layer's f32 copy at a time. On burn-flex the widening runs in parallel, straight from the
-//! narrow bits (burn-flex's own cast runs on one thread through f64).
+//! narrow bits (burn-flex's own cast runs on one thread through f64), and a [`linear`] widens
+//! into a buffer each thread keeps, then calls the GEMM itself: a fresh f32 weight per call
+//! faulted in 5.7 GB of new pages per full-size DiT forward, which made bf16 20% slower than f32.
 
 use crate::host_kernels;
 use burn::nn::Linear;
@@ -33,9 +35,118 @@ pub fn like<B: Backend, const D: usize, const E: usize>(t: Tensor<B, D>, other: 
 
 /// burn's `Linear::forward` with the weight and bias in `x`'s dtype.
 pub fn linear<B: Backend, const D: usize>(layer: &Linear<B>, x: Tensor<B, D>) -> Tensor<B, D> {
-    let weight = like(layer.weight.val(), &x);
+    let weight = layer.weight.val();
+    if crate::is_host_f32(&x) && matches!(weight.dtype(), DType::BF16 | DType::F16) {
+        if let Some(y) = linear_host(&weight, layer.bias.as_ref().map(|b| b.val()), &x) {
+            return y;
+        }
+    }
+    let weight = like(weight, &x);
     let bias = layer.bias.as_ref().map(|b| like(b.val(), &x));
     burn::tensor::module::linear(x, weight, bias)
+}
+
+thread_local! {
+    /// The widened weight of this thread's last [`linear`]; it grows to the largest layer
+    /// (168 MB for UMT5-XXL's FFN) and is reused, in cache, by every later call.
+    static WIDE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The narrow bits of a burn-flex tensor that covers its whole contiguous buffer.
+fn flex_of<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<burn_flex::FlexTensor> {
+    let prim: Box<dyn Any> = Box::new(t.clone().into_primitive().tensor());
+    let flex = *prim.downcast::<burn_flex::FlexTensor>().ok()?;
+    let contiguous = flex.layout().is_contiguous() && flex.layout().start_offset() == 0;
+    contiguous.then_some(flex)
+}
+
+/// Widens `src` (bf16 or f16 bits) into `dst`, in parallel.
+fn widen_into(flex: &burn_flex::FlexTensor, dst: &mut [f32]) -> Option<()> {
+    const CHUNK: usize = 1 << 16;
+    match flex.dtype() {
+        DType::BF16 => {
+            let src = flex.as_slice::<bf16>()?.get(..dst.len())?;
+            dst.par_chunks_mut(CHUNK)
+                .zip(src.par_chunks(CHUNK))
+                .for_each(|(o, s)| o.iter_mut().zip(s).for_each(|(o, s)| *o = s.to_f32()));
+        }
+        DType::F16 => {
+            let src = flex.as_slice::<f16>()?.get(..dst.len())?;
+            dst.par_chunks_mut(CHUNK)
+                .zip(src.par_chunks(CHUNK))
+                .for_each(|(o, s)| o.iter_mut().zip(s).for_each(|(o, s)| *o = s.to_f32()));
+        }
+        _ => return None,
+    }
+    Some(())
+}
+
+/// `x @ weight + bias` on burn-flex for a bf16 or f16 `weight` `[in, out]` and f32 `x`; `None`
+/// when a tensor is not laid out for it (the generic path then runs).
+fn linear_host<B: Backend, const D: usize>(
+    weight: &Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    x: &Tensor<B, D>,
+) -> Option<Tensor<B, D>> {
+    let [k, n] = weight.dims();
+    let dims = x.dims();
+    if dims[D - 1] != k {
+        return None;
+    }
+    let m: usize = dims[..D - 1].iter().product();
+    let w = flex_of(weight)?;
+    let bias = match bias {
+        Some(b) if b.dtype() == DType::F32 => Some(crate::HostF32::new(b)),
+        Some(_) => return None,
+        None => None,
+    };
+    let xs = crate::HostF32::new(x.clone());
+    let mut out = vec![0f32; m * n];
+    WIDE.with(|wide| {
+        let mut wide = wide.borrow_mut();
+        if wide.len() < k * n {
+            wide.resize(k * n, 0.0);
+        }
+        let wide = &mut wide[..k * n];
+        widen_into(&w, wide)?;
+        let parallel = match m * n * k > 1 << 18 {
+            true => gemm::Parallelism::Rayon(0),
+            false => gemm::Parallelism::None,
+        };
+        // SAFETY: the three matrices are row-major and hold m*k, k*n and m*n elements.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                out.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                xs.as_slice().as_ptr(),
+                1,
+                k as isize,
+                wide.as_ptr(),
+                1,
+                n as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallel,
+            );
+        }
+        Some(())
+    })?;
+    if let Some(b) = bias {
+        let b = b.as_slice();
+        out.par_chunks_mut(n)
+            .for_each(|row| row.iter_mut().zip(b).for_each(|(o, b)| *o += b));
+    }
+    let mut shape = dims.to_vec();
+    shape[D - 1] = n;
+    Some(Tensor::from_data(TensorData::new(out, shape), &x.device()))
 }
 
 /// A burn-flex bf16 or f16 tensor as f32, converted in parallel; `None` for anything else.

@@ -14,14 +14,14 @@ use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::DType;
 use burn_store::{
-    ApplyError, ApplyResult, KeyRemapper, ModuleAdapter, ModuleSnapshot, ModuleStore, PyTorchToBurnAdapter,
-    PytorchStore, TensorSnapshot,
+    ApplyError, ApplyResult, KeyRemapper, ModuleAdapter, ModuleSnapshot, ModuleStore, PytorchStore, TensorSnapshot,
 };
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 mod file;
+mod layout;
 mod precision;
 mod rows;
 pub use precision::{cast_module, Cast, Precision, UnknownPrecision};
@@ -350,7 +350,7 @@ pub fn load_strict_leaving<B: Backend, M: Module<B>>(
                 ),
             ));
         }
-        let adapter = PyTorchToBurnAdapter.chain(CastFloats::new(cast));
+        let adapter = layout::PyTorchLayout.chain(CastFloats::new(cast));
         let result: ApplyResult = module.apply(snapshots, None, Some(Box::new(adapter)), true);
         let file_missing: BTreeSet<String> = result.missing.iter().map(|(path, _)| path.clone()).collect();
         missing = Some(match missing {

@@ -272,8 +272,25 @@ impl<B: Backend> TextEncoder<B> {
 
     /// The prompt embeddings diffusers' WanPipeline gives the DiT: encoder states of each prompt's
     /// true tokens, exactly zero past them, `[B, max_len, d_model]`.
+    ///
+    /// The encoder runs on the batch's longest true length, not on `max_len`: padding is masked
+    /// out of every attention, and every other layer works token by token, so the states of the
+    /// true tokens do not depend on how much padding follows, and the padded ones are zeroed
+    /// anyway. diffusers runs all 512 positions; a 20-token prompt costs 25x less here.
     pub fn encode_prompt(&self, prompts: &[&str], max_len: usize) -> Result<Tensor<B, 3>, TextError> {
-        let (enc, hidden) = self.encode(prompts, max_len)?;
+        let enc = self.tokenizer.encode(prompts, max_len)?;
+        let longest = (0..enc.batch).map(|i| enc.len(i)).max().unwrap_or(0).max(1);
+        let cut = |v: &[i64]| -> Vec<i64> { v.chunks(enc.max_len).flat_map(|row| row[..longest].to_vec()).collect() };
+        let hidden = self
+            .encoder
+            .forward(&cut(&enc.ids), &cut(&enc.mask), enc.batch, &self.device)?;
+        let hidden = match enc.max_len - longest {
+            0 => hidden,
+            pad => {
+                let zeros = Tensor::zeros([enc.batch, pad, self.encoder.config.d_model], &self.device);
+                Tensor::cat(vec![hidden, zeros], 1)
+            }
+        };
         Ok(trim_to_mask(hidden, &enc, &self.device))
     }
 }
