@@ -239,11 +239,15 @@ fn a_wan_release_folder_generates_what_the_diffusers_folder_does() {
     .unwrap();
     assert!(chitu::pipeline::is_wan_native(native));
 
-    // The real preset describes UMT5-XXL: the tiny checkpoint must be refused by name, not
-    // loaded into garbage.
+    // The real preset describes the real VAE and UMT5-XXL: the tiny checkpoints must be refused
+    // by name, not loaded into garbage. The VAE loads before the text encoder (which loads last,
+    // see `DiffusionBackend::load`), so it is the first refused.
     let dev = default_device();
     let e = DiffusionBackend::<B>::from_dir(native, &dev).err().unwrap().to_string();
-    assert!(e.contains("UMT5") && e.contains("missing keys"), "{e}");
+    assert!(
+        e.contains("VAE") && e.contains("the model expects [96, 3, 3, 3, 3]"),
+        "{e}"
+    );
 
     let read = |p: PathBuf| std::fs::read_to_string(p).unwrap();
     let config = chitu::pipeline::WanNativeConfig {
@@ -252,6 +256,16 @@ fn a_wan_release_folder_generates_what_the_diffusers_folder_does() {
         shift: 3.0,
         boundary_ratio: None,
     };
+    // With the right VAE, the UMT5-XXL preset still refuses the tiny text checkpoint, by name.
+    let xxl_text = chitu::pipeline::WanNativeConfig {
+        text: chitu::text::Umt5Config::umt5_xxl(),
+        ..config.clone()
+    };
+    let e = DiffusionBackend::<B>::from_wan_dir(native, &xxl_text, &dev)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("UMT5") && e.contains("missing keys"), "{e}");
     let wan = Generator::new(DiffusionBackend::<B>::from_wan_dir(native, &config, &dev).unwrap());
     let diffusers = Generator::new(DiffusionBackend::<B>::from_dir(model("wan21"), &dev).unwrap());
     let run = |g: &Generator<B>| {

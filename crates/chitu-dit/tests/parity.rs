@@ -9,7 +9,5 @@ fn dit_forward_cases_match_the_references() {
 /// The same references at bf16 and f16 weights, at the reduced-precision tolerance.
 #[test]
 fn dit_cases_match_the_references_at_reduced_precision() {
-    for precision in [chitu_parity::Precision::Bf16, chitu_parity::Precision::F16] {
-        chitu_parity::assert_cases_pass_as(&["dit_"], precision);
-    }
+    chitu_parity::assert_cases_pass_at_reduced_precision(&["dit_"]);
 }

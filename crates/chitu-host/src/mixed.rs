@@ -11,7 +11,7 @@
 use crate::host_kernels;
 use burn::nn::Linear;
 use burn::tensor::backend::Backend;
-use burn::tensor::{bf16, f16, DType, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{bf16, f16, DType, Tensor, TensorData};
 use rayon::prelude::*;
 use std::any::Any;
 
@@ -60,25 +60,22 @@ fn flex_of<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<burn_flex::Fl
     contiguous.then_some(flex)
 }
 
-/// Widens `src` (bf16 or f16 bits) into `dst`, in parallel.
+/// Widens `flex` (bf16 or f16) into `dst`, in parallel; `None` for another dtype or a short
+/// buffer.
 fn widen_into(flex: &burn_flex::FlexTensor, dst: &mut [f32]) -> Option<()> {
-    const CHUNK: usize = 1 << 16;
-    match flex.dtype() {
-        DType::BF16 => {
-            let src = flex.as_slice::<bf16>()?.get(..dst.len())?;
-            dst.par_chunks_mut(CHUNK)
-                .zip(src.par_chunks(CHUNK))
-                .for_each(|(o, s)| o.iter_mut().zip(s).for_each(|(o, s)| *o = s.to_f32()));
-        }
-        DType::F16 => {
-            let src = flex.as_slice::<f16>()?.get(..dst.len())?;
-            dst.par_chunks_mut(CHUNK)
-                .zip(src.par_chunks(CHUNK))
-                .for_each(|(o, s)| o.iter_mut().zip(s).for_each(|(o, s)| *o = s.to_f32()));
-        }
-        _ => return None,
+    fn each<T: bytemuck::Pod + Send + Sync>(src: &[T], dst: &mut [f32], f: fn(T) -> f32) -> Option<()> {
+        const CHUNK: usize = 1 << 16;
+        let src = src.get(..dst.len())?;
+        dst.par_chunks_mut(CHUNK)
+            .zip(src.par_chunks(CHUNK))
+            .for_each(|(o, s)| o.iter_mut().zip(s).for_each(|(o, s)| *o = f(*s)));
+        Some(())
     }
-    Some(())
+    match flex.dtype() {
+        DType::BF16 => each(flex.as_slice::<bf16>()?, dst, bf16::to_f32),
+        DType::F16 => each(flex.as_slice::<f16>()?, dst, f16::to_f32),
+        _ => None,
+    }
 }
 
 /// `x @ weight + bias` on burn-flex for a bf16 or f16 `weight` `[in, out]` and f32 `x`; `None`
@@ -151,32 +148,10 @@ fn linear_host<B: Backend, const D: usize>(
 
 /// A burn-flex bf16 or f16 tensor as f32, converted in parallel; `None` for anything else.
 fn widen_host<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<Tensor<B, D>> {
-    let (shape, device) = (t.shape(), t.device());
-    let prim: Box<dyn Any> = Box::new(t.clone().into_primitive().tensor());
-    let flex = prim.downcast::<burn_flex::FlexTensor>().ok()?;
-    const CHUNK: usize = 1 << 16;
-    let wide: Vec<f32> = match flex.dtype() {
-        DType::BF16 => {
-            let src = flex.as_slice::<bf16>()?;
-            let mut out = vec![0f32; src.len()];
-            out.par_chunks_mut(CHUNK)
-                .zip(src.par_chunks(CHUNK))
-                .for_each(|(o, s)| o.iter_mut().zip(s).for_each(|(o, s)| *o = s.to_f32()));
-            out
-        }
-        DType::F16 => {
-            let src = flex.as_slice::<f16>()?;
-            let mut out = vec![0f32; src.len()];
-            out.par_chunks_mut(CHUNK)
-                .zip(src.par_chunks(CHUNK))
-                .for_each(|(o, s)| o.iter_mut().zip(s).for_each(|(o, s)| *o = s.to_f32()));
-            out
-        }
-        _ => return None,
-    };
-    let t = Tensor::<B, D>::from_data(TensorData::new(wide, shape), &device);
-    debug_assert!(matches!(t.clone().into_primitive(), TensorPrimitive::Float(_)));
-    Some(t)
+    let flex = flex_of(t)?;
+    let mut wide = vec![0f32; t.shape().num_elements()];
+    widen_into(&flex, &mut wide)?;
+    Some(Tensor::from_data(TensorData::new(wide, t.shape()), &t.device()))
 }
 
 #[cfg(test)]

@@ -192,6 +192,13 @@ pub fn assert_cases_pass(prefixes: &[&str]) {
     assert_cases_pass_as(prefixes, Precision::F32)
 }
 
+/// [`assert_cases_pass`] at bf16 and at f16, each at the reduced-precision tolerance.
+pub fn assert_cases_pass_at_reduced_precision(prefixes: &[&str]) {
+    for precision in [Precision::Bf16, Precision::F16] {
+        assert_cases_pass_as(prefixes, precision);
+    }
+}
+
 /// [`assert_cases_pass`] with the models' weights in `precision`, at its tolerance.
 pub fn assert_cases_pass_as(prefixes: &[&str], precision: Precision) {
     let prefixes: Vec<String> = prefixes.iter().map(|p| p.to_string()).collect();

@@ -126,14 +126,16 @@ mod tests {
     #[test]
     fn transposes_every_element_width_and_odd_shapes() {
         for (rows, cols) in [(1, 1), (3, 5), (70, 130), (129, 64), (1, 200)] {
-            let values: Vec<f32> = (0..rows * cols).map(|v| v as f32).collect();
+            // Below 251, so that every element width (u8 too) holds every value.
+            let value = |i: usize| (i % 251) as f32;
+            let values: Vec<f32> = (0..rows * cols).map(value).collect();
             for dtype in [DType::F64, DType::F32, DType::BF16, DType::F16, DType::U8] {
                 let data = TensorData::new(values.clone(), [rows, cols]).convert_dtype(dtype);
                 let got = transpose(data.clone());
                 assert_eq!(got.shape.to_vec(), vec![cols, rows]);
                 assert_eq!(got.dtype, dtype);
                 let want: Vec<f32> = (0..cols)
-                    .flat_map(|c| (0..rows).map(move |r| (r * cols + c) as f32))
+                    .flat_map(|c| (0..rows).map(move |r| value(r * cols + c)))
                     .collect();
                 let want = TensorData::new(want, [cols, rows]).convert_dtype(dtype);
                 assert_eq!(got.as_bytes(), want.as_bytes(), "{rows}x{cols} {dtype:?}");
