@@ -126,6 +126,12 @@ fn bad_requests_are_refused_naming_the_problem() {
         (vec!["--cache", "fastcache"], vec!["cache"]),
         (vec!["--low-mem", "4"], vec!["low-mem"]),
         (vec!["--dtype", "fp8"], vec!["--dtype", "fp8", "bf16"]),
+        // Within every limit of the model, but 7.8 TB at its decode: refused up front, with a
+        // size that would fit.
+        (
+            vec!["--height", "16000", "--width", "16000", "--frames", "1001"],
+            vec!["needs about", "VAE decode", "available", "would fit"],
+        ),
         (vec!["--vae-dtype", "int8"], vec!["--vae-dtype", "int8", "f16"]),
     ];
     for (args, needles) in cases {

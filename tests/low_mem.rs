@@ -119,3 +119,36 @@ fn loading_at_level_three_parks_each_model_as_it_loads() {
     let (latents3, _, _) = run(&parked, params(3));
     assert_same(&latents, &latents3);
 }
+
+/// The memory estimate follows the levels: a tiled decode and models away from the device need
+/// less, and a longer video more.
+#[test]
+fn the_memory_estimate_follows_the_levels() {
+    use chitu::pipeline::{EstimatedStage, MemoryLevel};
+    let dev = default_device();
+    let load = |options| DiffusionBackend::<B>::load(model("wan22"), &dev, options).unwrap();
+    let kept = load(LoadOptions::default());
+    let released = load(LoadOptions {
+        release_after_use: true,
+        ..LoadOptions::default()
+    });
+    let big = DiffusionUserParams {
+        height: 1024,
+        width: 1024,
+        num_frames: 21,
+        ..params(0)
+    };
+    let at = |b: &DiffusionBackend<B>, p: &DiffusionUserParams, level| b.estimate_memory(p, MemoryLevel(level));
+    let plain = at(&kept, &big, 0);
+    assert_eq!(plain.stage, EstimatedStage::VaeDecode);
+    assert!(at(&kept, &big, 1).bytes < plain.bytes);
+    let longer = DiffusionUserParams {
+        num_frames: 41,
+        ..big.clone()
+    };
+    assert!(at(&kept, &longer, 0).bytes > plain.bytes);
+    // The weights: every model resident at level 0, fewer once they are released or parked.
+    let small = params(0);
+    assert!(at(&released, &small, 0).bytes < at(&kept, &small, 0).bytes);
+    assert!(at(&kept, &small, 3).bytes < at(&kept, &small, 0).bytes);
+}

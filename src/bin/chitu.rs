@@ -242,8 +242,11 @@ fn describe(p: &DiffusionUserParams, generator: &Generator<B>) -> String {
         None => "the model's own scheduler".into(),
     };
     let pixels = p.height * p.width * p.num_frames * 3;
+    let estimate = generator
+        .backend
+        .estimate_memory(p, generator.backend.memory(p.low_mem));
     format!(
-        "generating {}x{}, {} frames, {} steps, guidance {}, {solver}, seed {}, low-mem {}, on {} with {} weights ({:.1} MiB of video as f32)",
+        "generating {}x{}, {} frames, {} steps, guidance {}, {solver}, seed {}, low-mem {}, on {} with {} weights ({:.1} MiB of video as f32; about {:.2} GB at most, in {})",
         p.width,
         p.height,
         p.num_frames,
@@ -253,7 +256,9 @@ fn describe(p: &DiffusionUserParams, generator: &Generator<B>) -> String {
         generator.backend.memory(p.low_mem).0,
         generator.backend.name,
         generator.backend.dtype,
-        (pixels * 4) as f64 / (1 << 20) as f64
+        (pixels * 4) as f64 / (1 << 20) as f64,
+        estimate.bytes as f64 / 1e9,
+        estimate.stage
     )
 }
 

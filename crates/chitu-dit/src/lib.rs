@@ -29,7 +29,7 @@ mod model;
 mod parallel;
 mod ulysses;
 
-pub use attention::{AttentionKind, AttentionOp, KeyPadding, SelfAttentionWrap};
+pub use attention::{AttentionKind, AttentionOp, KeyPadding, SelfAttentionWrap, SCORE_BUDGET_BYTES};
 pub use block::{BlockHook, BlockInputs, BlockPart, NoHook, WanBlock};
 pub use chitu_store::{weight_files, LoadReport, Precision};
 pub use config::WanDitConfig;

@@ -370,7 +370,9 @@ impl<B: Backend> DiffusionBackend<B> {
 
     /// Refuses a request this model cannot run, before anything is allocated: a size the VAE and
     /// patching do not divide, a grid beyond the DiT's RoPE tables, a text longer than the
-    /// tokenizer is made for, a low-noise guidance on a model without a second expert.
+    /// tokenizer is made for, a low-noise guidance on a model without a second expert, and (on
+    /// the CPU) a request whose memory estimate exceeds the memory available
+    /// ([`DiffusionBackend::check_fits`]).
     pub fn check_request(&self, params: &DiffusionUserParams) -> Result<(), GenError> {
         // The config travels with a parked model too: checking never brings one back.
         let dit = self.dit(0)?.shell();
@@ -406,7 +408,8 @@ impl<B: Backend> DiffusionBackend<B> {
         if params.guidance_scale_2.is_some() && self.boundary_ratio.is_none() {
             return bad("guidance_scale_2 sets the low-noise expert's guidance, and this model has one expert".into());
         }
-        Ok(())
+        // Last: the estimate reads the request's sizes, which the checks above bound.
+        self.check_fits(params)
     }
 
     /// The memory level a request runs at: its own `low_mem`, or the backend's when higher.

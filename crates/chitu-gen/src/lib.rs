@@ -23,6 +23,7 @@ mod backend;
 mod check;
 #[cfg(feature = "video")]
 mod encode;
+pub mod estimate;
 mod host_weights;
 mod native;
 mod offload;
@@ -38,6 +39,7 @@ pub mod video;
 pub use backend::{DiffusionBackend, LoadOptions, MemoryLevel, TINY_WEIGHT_SEED};
 pub use check::CacheCheck;
 pub use chitu_store::Precision;
+pub use estimate::{EstimatedStage, MemoryEstimate};
 pub use host_weights::HostWeights;
 pub use native::{is_wan_native, WanNativeConfig};
 pub use offload::{Offload, OffloadError, Offloaded, Reload};

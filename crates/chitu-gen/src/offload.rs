@@ -48,6 +48,8 @@ pub trait Offload<B: Backend>: Sized + Send {
     fn to_host(&self) -> Result<HostWeights, OffloadError>;
     /// Rebuilds the model on `device` from its shell and parked tensors.
     fn from_host(shell: &Self::Shell, host: HostWeights, device: &B::Device) -> Result<Self, OffloadError>;
+    /// Bytes of the model's weights while it is resident.
+    fn weight_bytes(&self) -> u64;
 }
 
 impl<B: Backend> Offload<B> for WanTransformer<B> {
@@ -64,6 +66,10 @@ impl<B: Backend> Offload<B> for WanTransformer<B> {
     fn from_host(shell: &WanDitConfig, host: HostWeights, device: &B::Device) -> Result<Self, OffloadError> {
         let skeleton = WanTransformer::new(shell.clone(), device).map_err(|e| OffloadError::Rebuild(e.into()))?;
         host.into_module(skeleton)
+    }
+
+    fn weight_bytes(&self) -> u64 {
+        crate::estimate::module_bytes(self)
     }
 }
 
@@ -97,6 +103,10 @@ impl<B: Backend> Offload<B> for TextEncoder<B> {
         let encoder = host.into_module(skeleton)?;
         Ok(TextEncoder::new(tokenizer.clone(), encoder, device.clone()))
     }
+
+    fn weight_bytes(&self) -> u64 {
+        crate::estimate::module_bytes(&self.encoder)
+    }
 }
 
 enum Slot<M> {
@@ -118,6 +128,7 @@ pub struct Offloaded<B: Backend, M: Offload<B>> {
     shell: M::Shell,
     device: B::Device,
     reload: Option<Reload<B, M>>,
+    weight_bytes: u64,
 }
 
 impl<B: Backend, M: Offload<B>> Offloaded<B, M> {
@@ -126,6 +137,7 @@ impl<B: Backend, M: Offload<B>> Offloaded<B, M> {
         Self {
             name: name.into(),
             shell: model.shell(),
+            weight_bytes: model.weight_bytes(),
             slot: Mutex::new(Slot::Resident(model)),
             device: device.clone(),
             reload: None,
@@ -158,6 +170,11 @@ impl<B: Backend, M: Offload<B>> Offloaded<B, M> {
     /// What rebuilds the model (its config), readable while it is parked.
     pub fn shell(&self) -> &M::Shell {
         &self.shell
+    }
+
+    /// Bytes of the model's weights while it is resident (known while it is away, too).
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
     }
 
     /// The model's name in errors and logs.
@@ -302,6 +319,9 @@ mod tests {
                 fail: false,
             };
             host.into_module(skeleton)
+        }
+        fn weight_bytes(&self) -> u64 {
+            crate::estimate::module_bytes(self)
         }
     }
 

@@ -1,0 +1,217 @@
+//! How much memory a request needs at its largest stage, and whether the machine has it.
+//!
+//! On the CPU backend a failed host allocation aborts the process (burn has no fallible
+//! allocation), so the estimate, made before anything is allocated, is the defence: a request
+//! that cannot fit is refused, saying what would. The figures are the weights each stage holds
+//! (measured from the loaded modules) plus the stage's working memory, from per-token and
+//! per-pixel costs fitted to the full-size Wan2.1-1.3B runs in BENCHMARKS.md (measured peak
+//! 10.64 GB in bf16 where this says 10.78 GB).
+
+use crate::{DiffusionBackend, DiffusionUserParams, GenError, MemoryLevel};
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::{backend::Backend, Tensor};
+use std::fmt;
+
+/// Bytes of every float tensor of `module`, in the dtype each is held in.
+pub fn module_bytes<B: Backend, M: Module<B>>(module: &M) -> u64 {
+    struct Sum(u64);
+    impl<B: Backend> ModuleVisitor<B> for Sum {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let t = param.val();
+            self.0 += (t.shape().num_elements() * t.dtype().size()) as u64;
+        }
+    }
+    let mut sum = Sum(0);
+    module.visit(&mut sum);
+    sum.0
+}
+
+/// The three stages of a request, for the estimate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EstimatedStage {
+    /// Encoding the prompts.
+    TextEncode,
+    /// The denoise loop.
+    Denoise,
+    /// The VAE decode.
+    VaeDecode,
+}
+
+impl fmt::Display for EstimatedStage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::TextEncode => "text encoding",
+            Self::Denoise => "denoising",
+            Self::VaeDecode => "the VAE decode",
+        })
+    }
+}
+
+/// A request's estimated peak memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryEstimate {
+    /// The stage that needs the most.
+    pub stage: EstimatedStage,
+    /// Bytes it needs: the weights it holds plus its working memory.
+    pub bytes: u64,
+}
+
+/// The process itself and the small tensors no formula lists; the allocator's slack is taken as
+/// a twentieth on top of the rest.
+const BASELINE: u64 = 128 << 20;
+/// Working memory of the VAE decode per pixel of the area it decodes at once (the frame, or
+/// one row of tiles): 4.6 KB measured at 480x832 (BENCHMARKS.md), rounded up.
+const VAE_BYTES_PER_PIXEL: u64 = 5_000;
+/// Rows of a row of tiles (a 256-pixel tile and its blend margin).
+const TILE_ROWS: u64 = 320;
+/// Most bytes of attention scores the DiT's blocked kernel holds.
+const SCORES: u64 = chitu_dit::SCORE_BUDGET_BYTES as u64;
+
+impl<B: Backend> DiffusionBackend<B> {
+    /// The peak memory `params` needs at memory level `memory` on this backend's device.
+    pub fn estimate_memory(&self, params: &DiffusionUserParams, memory: MemoryLevel) -> MemoryEstimate {
+        let f32_bytes = 4u64;
+        let narrow = self.dtype != chitu_store::Precision::F32;
+        let text_w = self.text.weight_bytes();
+        let dits: Vec<u64> = self.model_pool.iter().map(|d| d.weight_bytes()).collect();
+        let (dit_sum, dit_max) = (dits.iter().sum::<u64>(), dits.iter().copied().max().unwrap_or(0));
+        let vae_w = module_bytes(&self.vae);
+        let text_away = memory.parks_text() || self.release_after_use;
+        let dits_away = memory.parks_dits() || self.release_after_use;
+
+        let t = &self.text.shell().1;
+        let l = params.max_sequence_length as u64;
+        let widened = |rows: usize, cols: usize| if narrow { (rows * cols) as u64 * f32_bytes } else { 0 };
+        let text_act = f32_bytes * l * (8 * t.d_model as u64 + 3 * t.d_ff as u64)
+            + f32_bytes * (t.num_heads as u64) * l * l
+            + widened(t.d_model, t.d_ff);
+
+        let d = self.model_pool.first().map(|m| m.shell().clone());
+        let [_, z, lt, lh, lw] = params.latent_shape(self.vae.config.z_dim);
+        let latent = (z * lt * lh * lw) as u64 * f32_bytes;
+        let dit_act = match &d {
+            Some(c) => {
+                let [pt, ph, pw] = c.patch_size;
+                let s = (lt.div_ceil(pt) * (lh / ph) * (lw / pw)) as u64;
+                let scores = (f32_bytes * c.num_heads as u64)
+                    .saturating_mul(s)
+                    .saturating_mul(s)
+                    .min(SCORES);
+                f32_bytes * s * (12 * c.dim() as u64 + 3 * c.ffn_dim as u64)
+                    + scores
+                    + 2 * f32_bytes * l * c.dim() as u64
+                    + 6 * latent
+                    + widened(c.dim(), c.ffn_dim)
+            }
+            None => 6 * latent,
+        };
+
+        let (h, w) = (params.height as u64, params.width as u64);
+        let video = 3 * params.num_frames as u64 * h * w * f32_bytes;
+        let rows = if memory.tiled_decode() { h.min(TILE_ROWS) } else { h };
+        let vae_act = VAE_BYTES_PER_PIXEL * rows * w + 2 * video;
+
+        let resident_text = |active: bool| if active || !text_away { text_w } else { 0 };
+        let stages = [
+            (
+                EstimatedStage::TextEncode,
+                resident_text(true) + if dits_away { 0 } else { dit_sum } + text_act,
+            ),
+            (
+                EstimatedStage::Denoise,
+                resident_text(false) + if memory.parks_dits() { dit_max } else { dit_sum } + dit_act + latent,
+            ),
+            (
+                EstimatedStage::VaeDecode,
+                resident_text(false) + if dits_away { 0 } else { dit_sum } + vae_act,
+            ),
+        ];
+        let (stage, bytes) = stages
+            .into_iter()
+            .max_by_key(|(_, b)| *b)
+            .unwrap_or((EstimatedStage::Denoise, 0));
+        let bytes = bytes + vae_w;
+        MemoryEstimate {
+            stage,
+            bytes: bytes + bytes / 20 + BASELINE,
+        }
+    }
+
+    /// Refuses, on a backend whose device is host memory, a request whose estimate exceeds the
+    /// memory available now, saying what would fit. Other backends report device out-of-memory
+    /// as an error of its own when it happens.
+    pub fn check_fits(&self, params: &DiffusionUserParams) -> Result<(), GenError> {
+        if !chitu_host::host_kernels::<B>() {
+            return Ok(());
+        }
+        let Some(available) = available_memory() else {
+            return Ok(());
+        };
+        let memory = self.memory(params.low_mem);
+        let need = self.estimate_memory(params, memory);
+        if need.bytes <= available {
+            return Ok(());
+        }
+        let fits = |p: &DiffusionUserParams, m: MemoryLevel| self.estimate_memory(p, m).bytes <= available;
+        let mut ways = Vec::new();
+        if !memory.tiled_decode() && fits(params, MemoryLevel(1.max(memory.0))) {
+            ways.push("--low-mem 1 (a tiled decode) would fit".to_string());
+        }
+        // The most frames (4k+1) that fit at this size and level.
+        let fewer = (0..(params.num_frames.saturating_sub(1)) / 4).rev().map(|k| 4 * k + 1);
+        if let Some(frames) = fewer.clone().find(|&f| {
+            fits(
+                &DiffusionUserParams {
+                    num_frames: f,
+                    ..params.clone()
+                },
+                memory,
+            )
+        }) {
+            ways.push(format!("{frames} frames at this size would fit"));
+        }
+        if ways.is_empty() {
+            // The size, halved until it fits, in the multiples of 16 the model takes.
+            let smaller = (1..=6).map(|k| 1usize << k).find_map(|div| {
+                let (h, w) = (params.height / div / 16 * 16, params.width / div / 16 * 16);
+                let p = DiffusionUserParams {
+                    height: h,
+                    width: w,
+                    ..params.clone()
+                };
+                (h >= 16 && w >= 16 && fits(&p, memory))
+                    .then(|| format!("{w}x{h} with {} frames would fit", params.num_frames))
+            });
+            ways.push(smaller.unwrap_or_else(|| "even a 16-pixel video of this length would not fit".into()));
+        }
+        Err(GenError::Params(format!(
+            "{}x{} with {} frames needs about {:.1} GB at its largest stage ({}), and {:.1} GB of memory is available: {}",
+            params.width,
+            params.height,
+            params.num_frames,
+            need.bytes as f64 / 1e9,
+            need.stage,
+            available as f64 / 1e9,
+            ways.join("; ")
+        )))
+    }
+}
+
+/// The memory this process can still take: the kernel's `MemAvailable`, or what is left under
+/// the process's cgroup limit when that is lower. `None` where neither can be read.
+pub fn available_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok();
+    let available = meminfo.as_deref().and_then(|m| {
+        let line = m.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+    });
+    let read = |p: &str| std::fs::read_to_string(p).ok()?.trim().parse::<u64>().ok();
+    let cgroup = match (read("/sys/fs/cgroup/memory.max"), read("/sys/fs/cgroup/memory.current")) {
+        (Some(max), Some(current)) => Some(max.saturating_sub(current)),
+        _ => None,
+    };
+    match (available, cgroup) {
+        (Some(a), Some(c)) => Some(a.min(c)),
+        (a, c) => a.or(c),
+    }
+}
