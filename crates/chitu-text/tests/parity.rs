@@ -1,13 +1,9 @@
 //! This crate's parity cases: the text encoder references in the committed fixtures, made with
-//! diffusers/transformers, at their own tolerances.
+//! diffusers/transformers, at their own tolerances. The same
+//! references hold at bf16 and f16 weights, at the reduced-precision tolerance.
 
 #[test]
 fn text_encoder_cases_match_the_references() {
     chitu_parity::assert_cases_pass(&["text_"]);
-}
-
-/// The same references at bf16 and f16 weights, at the reduced-precision tolerance.
-#[test]
-fn text_cases_match_the_references_at_reduced_precision() {
     chitu_parity::assert_cases_pass_at_reduced_precision(&["text_"]);
 }
