@@ -59,9 +59,13 @@ pub struct MemoryEstimate {
 /// The process itself and the small tensors no formula lists; the allocator's slack is taken as
 /// a twentieth on top of the rest.
 const BASELINE: u64 = 128 << 20;
-/// Working memory of the VAE decode per pixel of the area it decodes at once (the frame, or
-/// one row of tiles): 4.6 KB measured at 480x832 (BENCHMARKS.md), rounded up.
-const VAE_BYTES_PER_PIXEL: u64 = 5_000;
+/// Working memory of the Wan VAE decode (base width 96): a fixed part plus a part per pixel of
+/// the area it decodes at once (the frame, or one row of tiles). Fitted to the two decodes
+/// BENCHMARKS.md measures, 240x416 (2.35 GB peak) and 480x832 (4.27 GB), less the weights;
+/// both parts scale with the VAE's width.
+const VAE_FIXED: u64 = 1_200_000_000;
+const VAE_BYTES_PER_PIXEL: u64 = 7_500;
+const VAE_WIDTH: u64 = 96;
 /// Rows of a row of tiles (a 256-pixel tile and its blend margin).
 const TILE_ROWS: u64 = 320;
 /// Most bytes of attention scores the DiT's blocked kernel holds.
@@ -109,7 +113,8 @@ impl<B: Backend> DiffusionBackend<B> {
         let (h, w) = (params.height as u64, params.width as u64);
         let video = 3 * params.num_frames as u64 * h * w * f32_bytes;
         let rows = if memory.tiled_decode() { h.min(TILE_ROWS) } else { h };
-        let vae_act = VAE_BYTES_PER_PIXEL * rows * w + 2 * video;
+        let width = self.vae.config.base_dim as u64;
+        let vae_act = (VAE_FIXED + VAE_BYTES_PER_PIXEL * rows * w) * width / VAE_WIDTH + 2 * video;
 
         let resident_text = |active: bool| if active || !text_away { text_w } else { 0 };
         let stages = [
