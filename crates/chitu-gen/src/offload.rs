@@ -217,8 +217,8 @@ impl<B: Backend, M: Offload<B>> Offloaded<B, M> {
     /// CPU backend where that would save nothing, releases it when it can be reloaded. Parking
     /// a parked model does nothing.
     pub fn park(&self) -> Result<(), GenError> {
-        match chitu_host::host_kernels::<B>() && self.reload.is_some() {
-            true => self.release_if_reloadable(),
+        match chitu_host::host_kernels::<B>() {
+            true => self.release(),
             false => self.park_to_host(),
         }
     }
@@ -227,19 +227,13 @@ impl<B: Backend, M: Offload<B>> Offloaded<B, M> {
     /// files, and parks it in host memory otherwise. For a model not needed again soon (the
     /// text encoder once a one-request run has encoded its prompt).
     pub fn release(&self) -> Result<(), GenError> {
-        match self.reload.is_some() {
-            true => self.release_if_reloadable(),
-            false => self.park_to_host(),
+        if self.reload.is_none() {
+            return self.park_to_host();
         }
-    }
-
-    fn release_if_reloadable(&self) -> Result<(), GenError> {
-        if self.reload.is_some() {
-            let mut slot = self.lock();
-            if matches!(*slot, Slot::Resident(_) | Slot::Parked(_)) {
-                tracing::debug!(model = %self.name, "released; reloads from its files when next used");
-                *slot = Slot::Released;
-            }
+        let mut slot = self.lock();
+        if matches!(*slot, Slot::Resident(_) | Slot::Parked(_)) {
+            tracing::debug!(model = %self.name, "released; reloads from its files when next used");
+            *slot = Slot::Released;
         }
         Ok(())
     }

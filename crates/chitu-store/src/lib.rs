@@ -208,28 +208,11 @@ pub(crate) fn remapper(remap: &[(impl AsRef<str>, impl AsRef<str>)]) -> Result<K
 
 /// Casts float snapshots to the dtype a [`Cast`] gives their module path, as they are read.
 #[derive(Clone)]
-struct CastFloats {
-    precision: Precision,
-    keep_f32: Vec<String>,
-}
-
-impl CastFloats {
-    fn new(cast: Cast<'_>) -> Self {
-        Self {
-            precision: cast.precision,
-            keep_f32: cast.keep_f32.iter().map(|s| s.to_string()).collect(),
-        }
-    }
-}
+struct CastFloats(Cast);
 
 impl ModuleAdapter for CastFloats {
     fn adapt(&self, snapshot: &TensorSnapshot) -> TensorSnapshot {
-        let keep: Vec<&str> = self.keep_f32.iter().map(String::as_str).collect();
-        let cast = Cast {
-            precision: self.precision,
-            keep_f32: &keep,
-        };
-        let target = cast.dtype_of(&snapshot.full_path(), snapshot.shape.num_dims());
+        let target = self.0.dtype_of(&snapshot.full_path(), snapshot.shape.num_dims());
         if !is_float(snapshot.dtype) || snapshot.dtype == target {
             return snapshot.clone();
         }
@@ -281,7 +264,7 @@ pub fn load_strict_as<B: Backend, M: Module<B>>(
     files: &[PathBuf],
     remap: &[(impl AsRef<str>, impl AsRef<str>)],
     label: &str,
-    cast: Cast<'_>,
+    cast: Cast,
 ) -> Result<(M, LoadReport), LoadError> {
     load_strict_leaving(module, files, remap, label, &[], cast)
 }
@@ -295,7 +278,7 @@ pub fn load_strict_leaving<B: Backend, M: Module<B>>(
     remap: &[(impl AsRef<str>, impl AsRef<str>)],
     label: &str,
     left: &[&str],
-    cast: Cast<'_>,
+    cast: Cast,
 ) -> Result<(M, LoadReport), LoadError> {
     let remapper = remapper(remap)?;
     let mut module = module;
@@ -350,7 +333,7 @@ pub fn load_strict_leaving<B: Backend, M: Module<B>>(
                 ),
             ));
         }
-        let adapter = layout::PyTorchLayout.chain(CastFloats::new(cast));
+        let adapter = layout::PyTorchLayout.chain(CastFloats(cast));
         let result: ApplyResult = module.apply(snapshots, None, Some(Box::new(adapter)), true);
         let file_missing: BTreeSet<String> = result.missing.iter().map(|(path, _)| path.clone()).collect();
         missing = Some(match missing {

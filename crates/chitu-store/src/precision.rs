@@ -77,23 +77,22 @@ impl FromStr for Precision {
 
 /// Which dtype each tensor of one load is held in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cast<'a> {
+pub struct Cast {
     /// The dtype of the weight matrices and kernels.
     pub precision: Precision,
     /// Module-path segments whose tensors stay f32: a path stays f32 when any of its
     /// dot-separated segments equals one of these (`scale_shift_table`, `condition_embedder`).
-    pub keep_f32: &'a [&'a str],
+    /// Each model crate has its list as a constant (`KEEP_F32`).
+    pub keep_f32: &'static [&'static str],
 }
 
-impl Cast<'static> {
+impl Cast {
     /// Everything in f32: the exact path.
     pub const F32: Self = Self {
         precision: Precision::F32,
         keep_f32: &[],
     };
-}
 
-impl Cast<'_> {
     /// The dtype the tensor at module path `path` with `rank` axes is held in.
     pub fn dtype_of(&self, path: &str, rank: usize) -> DType {
         let kept = rank < 2 || path.split('.').any(|seg| self.keep_f32.contains(&seg));
@@ -106,12 +105,12 @@ impl Cast<'_> {
 
 /// `module` with each float tensor in the dtype `cast` gives its path: for a model built in
 /// memory (the embedded one) rather than loaded.
-pub fn cast_module<B: Backend, M: Module<B>>(module: M, cast: Cast<'_>) -> M {
-    struct Mapper<'a> {
-        cast: Cast<'a>,
+pub fn cast_module<B: Backend, M: Module<B>>(module: M, cast: Cast) -> M {
+    struct Mapper {
+        cast: Cast,
         path: Vec<String>,
     }
-    impl<B: Backend> ModuleMapper<B> for Mapper<'_> {
+    impl<B: Backend> ModuleMapper<B> for Mapper {
         fn enter_module(&mut self, name: &str, _container: &str) {
             self.path.push(name.to_string());
         }

@@ -1,6 +1,6 @@
 //! VAE building blocks named after diffusers' keys, and the causal feature cache.
 
-use crate::conv::{causal_conv_host, conv2d_s, conv3d_t, on_host, Prologue};
+use crate::conv::{causal_conv_host, conv2d_s, conv3d_t, Prologue};
 use burn::module::{Module, Param};
 use burn::nn::Initializer;
 use burn::tensor::activation::silu;
@@ -428,7 +428,7 @@ impl<B: Backend> Resample<B> {
             x = self.time_upsample(x, cache);
         }
         let weight = mixed::like(self.resample.weight.val(), &x);
-        if self.mode <= 1 && on_host(&x, &weight) {
+        if self.mode <= 1 && is_host_f32(&x) {
             // Upsampling fused into the conv's input copy, and the per-frame conv as a 1x3x3
             // conv over [b, c, t, h, w]: neither the 4x larger upsampled tensor nor the
             // frame-major copies exist.
