@@ -45,9 +45,11 @@ for w in $WORKLOADS; do
         : "${FULLSIZE_DIR:?set FULLSIZE_DIR to a make_fullsize.py folder}"
         cargo build --release --example bench_fullsize >&2
         FULL_LINES=$(mktemp)
-        for dt in ${FULLSIZE_DTYPES:-f32 bf16}; do
+        OUTS=$(mktemp -d)
+        DTS=${FULLSIZE_DTYPES:-f32 bf16 int8}
+        for dt in $DTS; do
             echo "full size: chitu $dt" >&2
-            RAYON_NUM_THREADS=$THREADS target/release/examples/bench_fullsize "$FULLSIZE_DIR" "$dt" | tee -a "$FULL_LINES" >&2
+            SAVE_OUTPUT="$OUTS/$dt" RAYON_NUM_THREADS=$THREADS target/release/examples/bench_fullsize "$FULLSIZE_DIR" "$dt" | tee -a "$FULL_LINES" >&2
         done
         for dt in ${TORCH_DTYPES:-bf16}; do
             echo "full size: diffusers $dt" >&2
@@ -55,6 +57,12 @@ for w in $WORKLOADS; do
         done
         mkdir -p bench/results
         "$PY" bench/fullsize_report.py "$FULL_LINES" | tee bench/results/fullsize.md
+        # Each run's latents and frames against the first dtype's (f32 by default).
+        set -- $DTS
+        first=$1
+        shift
+        "$PY" bench/fullsize_quality.py "$OUTS/$first" $(for d in "$@"; do echo "$OUTS/$d"; done) | tee -a bench/results/fullsize.md
+        rm -rf "$OUTS"
         continue
     fi
     # The pipeline on the parity model takes tens of milliseconds, so a few runs give a median

@@ -6,12 +6,16 @@
 //! ```text
 //! cargo run --release --example bench_fullsize -- FULL_DIR DTYPE [HEIGHT WIDTH FRAMES STEPS]
 //! ```
+//! `DTYPE` is `f32`, `bf16` or `f16`, or `int8` (int8 linear layers, the rest bf16) or
+//! `int8+f32`. With `SAVE_OUTPUT=PREFIX` it also writes the final latents (`PREFIX.latents.f32`)
+//! and the frames in [-1, 1] (`PREFIX.frames.f32`), raw little-endian, for
+//! `bench/fullsize_quality.py` to compare runs.
 //! The defaults are the issue's request: 240x416, 9 frames, 2 steps, CFG (guidance 5), 512 text
 //! tokens. The run loads and releases like the CLI: the text encoder goes after encoding, the
 //! DiT before the decode.
 
 use chitu::pipeline::video::peak_rss_bytes;
-use chitu::pipeline::{DiffusionTask, DiffusionUserParams, Generator, LoadOptions, Precision, Stage};
+use chitu::pipeline::{DiffusionTask, DiffusionUserParams, Format, Generator, LoadOptions, Precision, Stage, Weights};
 use chitu::{default_device, DefaultBackend as B};
 use std::time::Instant;
 
@@ -20,13 +24,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let [dir, dtype, rest @ ..] = args.as_slice() else {
         return Err("usage: bench_fullsize FULL_DIR DTYPE [HEIGHT WIDTH FRAMES STEPS]".into());
     };
-    let dtype: Precision = dtype.parse()?;
+    let format = match dtype.strip_prefix("int8") {
+        Some(rest) => {
+            let precision = rest.strip_prefix('+').map_or(Ok(Precision::Bf16), str::parse)?;
+            Format::new(precision, Weights::Int8)
+        }
+        None => Format::from(dtype.parse::<Precision>()?),
+    };
     let num = |i: usize, default: usize| rest.get(i).map_or(Ok(default), |s| s.parse::<usize>());
     let (height, width, frames, steps) = (num(0, 240)?, num(1, 416)?, num(2, 9)?, num(3, 2)?);
 
     let t0 = Instant::now();
     let options = LoadOptions {
-        dtype,
+        dtype: format.precision,
+        weights: format.weights,
         release_after_use: true,
         ..LoadOptions::default()
     };
@@ -42,6 +53,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         num_inference_steps: steps,
         ..DiffusionUserParams::default()
     };
+    let estimate = generator
+        .backend
+        .estimate_memory(&params, generator.backend.memory(params.low_mem));
     let mut task = DiffusionTask::<B>::from_user_request(params)?;
     let (mut text_s, mut decode_s, mut step_s, mut reload_s) = (0.0, 0.0, Vec::new(), 0.0);
     while !task.is_finished() {
@@ -62,11 +76,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             Stage::Done => {}
         }
     }
+    if let Ok(prefix) = std::env::var("SAVE_OUTPUT") {
+        let raw = |t: burn::tensor::Tensor<B, 5>| -> Result<Vec<u8>, Box<dyn std::error::Error>> {
+            let v = t
+                .into_data()
+                .convert::<f32>()
+                .to_vec::<f32>()
+                .map_err(|e| format!("{e:?}"))?;
+            Ok(v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        };
+        let latents = task.latents().cloned().ok_or("no latents")?;
+        std::fs::write(format!("{prefix}.latents.f32"), raw(latents)?)?;
+        std::fs::write(format!("{prefix}.frames.f32"), raw(task.into_video()?)?)?;
+    }
     println!(
         "{}",
         serde_json::json!({
             "side": "chitu",
-            "dtype": dtype.name(),
+            "dtype": format.name(),
+            "estimate_bytes": estimate.bytes,
+            "estimate_stage": estimate.stage.to_string(),
             "vae_dtype": "f32",
             "request": format!("{width}x{height}, {frames} frames, {steps} steps, CFG"),
             "load_s": load_s,

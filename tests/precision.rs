@@ -128,3 +128,66 @@ fn releasing_models_after_use_changes_no_bit() {
     let released = run(true);
     assert_eq!(kept.frames().frames, released.frames().frames);
 }
+
+/// `--weights int8`: every linear layer's matrix that diffusers does not keep in f32 becomes int8
+/// blocks; conv kernels, embeddings and the kept parts stay as they were.
+#[test]
+fn int8_quantizes_the_linear_layers_and_nothing_else() {
+    use chitu::pipeline::{Format, Weights};
+    let dev = default_device();
+    let int8 = Format::new(Precision::Bf16, Weights::Int8);
+    let is_int8 = |d: &DType| matches!(d, DType::QFloat(_));
+    let dit = WanTransformer::<B>::from_dir_as(model("wan21/transformer"), &dev, int8).unwrap();
+    let d = dtypes(&dit);
+    assert!(is_int8(&d["blocks.0.attn1.to_q.weight"]), "{d:?}");
+    assert!(is_int8(&d["blocks.1.attn2.to_k.weight"]));
+    assert!(is_int8(&d["blocks.1.ffn.fc2.weight"]));
+    assert!(is_int8(&d["proj_out.weight"]));
+    assert_eq!(d["patch_embedding.weight"], DType::BF16);
+    assert_eq!(d["blocks.0.attn1.to_q.bias"], DType::F32);
+    assert_eq!(d["blocks.0.scale_shift_table"], DType::F32);
+    assert_eq!(d["condition_embedder.text_embedder.linear_1.weight"], DType::F32);
+
+    let text = TextEncoder::<B>::from_pipeline_dir_as(model("wan21"), &dev, int8).unwrap();
+    let t = dtypes(&text.encoder);
+    assert!(
+        t.iter().any(|(k, v)| k.ends_with("attn.q.weight") && is_int8(v)),
+        "{t:?}"
+    );
+    assert!(t.iter().any(|(k, v)| k.ends_with("wi_0.weight") && is_int8(v)), "{t:?}");
+    assert!(t
+        .iter()
+        .filter(|(k, _)| k.contains("pos_embedding") || k.contains("norm"))
+        .all(|(_, v)| *v == DType::F32));
+}
+
+/// The memory plan sizes a folder from its configs alone; those sizes are what loading it holds,
+/// byte for byte, at every format.
+#[test]
+fn plan_sizes_from_configs_are_the_loaded_sizes() {
+    use chitu::pipeline::{Format, ModelSizes, Weights};
+    let dev = default_device();
+    for folder in ["wan21", "wan22"] {
+        for format in [
+            Format::F32,
+            Format::from(Precision::Bf16),
+            Format::new(Precision::Bf16, Weights::Int8),
+            Format::new(Precision::F32, Weights::Int8),
+        ] {
+            let planned = ModelSizes::of_folder::<B>(&model(folder), format, Precision::F32, &dev).unwrap();
+            let options = LoadOptions {
+                dtype: format.precision,
+                weights: format.weights,
+                ..LoadOptions::default()
+            };
+            let loaded = DiffusionBackend::<B>::load(model(folder), &dev, options)
+                .unwrap()
+                .sizes();
+            let what = format!("{folder} {}", format.name());
+            assert_eq!(planned.dit_weights, loaded.dit_weights, "{what}");
+            assert_eq!(planned.text_weights, loaded.text_weights, "{what}");
+            assert_eq!(planned.vae_weights, loaded.vae_weights, "{what}");
+            assert_eq!(planned.narrow, loaded.narrow, "{what}");
+        }
+    }
+}

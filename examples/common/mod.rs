@@ -1,8 +1,8 @@
 //! What the model examples share: the `chitu generate` flags for the model, the request and the
 //! outputs (`chitu::cli`), and the short path from a folder to a video file.
 
-use chitu::cli::JobArgs;
-use chitu::pipeline::{DiffusionUserParams, Generator, Video};
+use chitu::cli::{JobArgs, LowMem};
+use chitu::pipeline::{DiffusionTask, DiffusionUserParams, Generator, LoadOptions, Video};
 use chitu::{default_device, DefaultBackend as B};
 use clap::Parser;
 
@@ -18,7 +18,7 @@ struct Args {
 pub fn run(default_params: impl Fn(String) -> DiffusionUserParams) -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse().job;
     let Some(dir) = &args.model.model_dir else {
-        return Err("usage: --model-dir DIR --prompt TEXT [--steps N] [--low-mem 0-3] ...".into());
+        return Err("usage: --model-dir DIR --prompt TEXT [--steps N] [--low-mem auto|0-3] ...".into());
     };
     // The request and the output folder are checked before the (slow) load.
     let mut requests = args.request.requests()?;
@@ -26,11 +26,26 @@ pub fn run(default_params: impl Fn(String) -> DiffusionUserParams) -> Result<(),
         return Err("the model examples take one request; `chitu generate --prompts-file` runs many".into());
     }
     let request = requests.remove(0).args?;
-    let params = request.params(default_params(String::new()), args.model.low_mem)?;
+    let params = request.params(default_params(String::new()), args.model.low_mem.level())?;
     params.validate()?;
     args.output.prepare()?;
-    let generator = Generator::<B>::from_dir(dir, &default_device(), args.model.options())?;
-    let video: Video = generator.generate(params)?;
+    let device = default_device();
+    // `--low-mem auto` (the default) plans the load for this request and this machine.
+    let plan = args.model.plan::<B>(&device, std::slice::from_ref(&params), true)?;
+    if let Some(plan) = &plan {
+        eprint!("{}", plan.table(None));
+    }
+    let options = LoadOptions {
+        release_after_use: true,
+        ..plan.as_ref().map_or_else(|| args.model.options(), |p| p.options())
+    };
+    let retry = args.model.oom_retry || args.model.low_mem == LowMem::Auto;
+    let generator = Generator::<B>::from_dir(dir, &device, options)?.with_oom_retry(retry);
+    let task = generator.run(DiffusionTask::from_user_request(params)?)?;
+    if let Some(plan) = &plan {
+        eprint!("{}", plan.table(Some(task.stage_peaks())));
+    }
+    let video = Video::from_task(task, &generator.backend)?;
     let mut files = args.output.write(&video, &video.stem())?;
     let json = args.output.out.join(format!("{}.json", video.stem()));
     Video::save_metadata(&json, &video.metadata(&files))?;

@@ -1,8 +1,8 @@
 //! `chitu generate`: text to video with a Wan model folder, or with the embedded tiny model.
 
-use chitu::cli::{hint, CliError, JobArgs, Request};
+use chitu::cli::{hint, CliError, JobArgs, LowMem, Request};
 use chitu::dist::{run_local_with, Communicator, Layout, Mesh};
-use chitu::pipeline::{CacheCheck, DiffusionTask, DiffusionUserParams, GenError, Generator, Stage, Video};
+use chitu::pipeline::{CacheCheck, DiffusionTask, DiffusionUserParams, GenError, Generator, MemoryPlan, Stage, Video};
 use chitu::{default_device, rank_device, DefaultBackend as B};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -112,15 +112,18 @@ fn collective_world(
 /// One rank's whole run: load once, then for each request build it, generate, and (on the output
 /// rank) write. Under `--prompts-file` a failed request is reported and the next one runs.
 fn run_rank(args: &GenerateArgs, parallel: Option<(Arc<dyn Communicator>, Layout)>) -> Result<(), AnyError> {
-    let (generator, defaults, bar) = load(args, parallel)?;
+    let (generator, defaults, bar, plan) = load(args, parallel)?;
     let mut failed = Vec::new();
     let requests = args.job.request.requests()?;
     let total = requests.len();
     for Request { line, args: request } in requests {
         let one = || -> Result<(), AnyError> {
-            let params = request?.params(defaults.clone(), args.job.model.low_mem)?;
+            let params = request?.params(defaults.clone(), args.job.model.low_mem.level())?;
             let (task, check) = generate(args, &generator, params, &bar)?;
             if generator.is_output_rank() {
+                if let Some(plan) = &plan {
+                    eprint!("{}", plan.table(Some(task.stage_peaks())));
+                }
                 write(args, &generator, task, check, line)?;
             }
             Ok(())
@@ -149,12 +152,13 @@ fn is_interrupt(e: &AnyError) -> bool {
 /// Set by Ctrl-C; the run stops at the next step boundary.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
-/// The generator of this rank (on its device, in its mesh), the model's request defaults, and
-/// the progress bar (hidden off the output rank) that the decode reports to as well.
+/// The generator of this rank (on its device, in its mesh), the model's request defaults, the
+/// progress bar (hidden off the output rank) that the decode reports to as well, and the memory
+/// plan it loaded under (`--low-mem auto`).
 fn load(
     args: &GenerateArgs,
     parallel: Option<(Arc<dyn Communicator>, Layout)>,
-) -> Result<(Generator<B>, DiffusionUserParams, ProgressBar), AnyError> {
+) -> Result<(Generator<B>, DiffusionUserParams, ProgressBar, Option<MemoryPlan>), AnyError> {
     let (mesh, device) = match parallel {
         Some((world, layout)) => {
             let index = local_index(world.rank());
@@ -170,7 +174,20 @@ fn load(
     }
     // One request (not a prompts file): each model can go as soon as its stage is done.
     let one_request = args.job.request.prompts_file.is_none();
-    let (backend, defaults) = args.job.model.load::<B>(&device, one_request)?;
+    let model = &args.job.model;
+    // Planned for every request that parses; a bad line is reported when its turn comes.
+    let requests: Vec<DiffusionUserParams> = args
+        .job
+        .request
+        .requests()?
+        .into_iter()
+        .filter_map(|r| r.args.ok()?.params(model.defaults(), 0).ok())
+        .collect();
+    let plan = model.plan::<B>(&device, &requests, one_request)?;
+    if let (Some(plan), true) = (&plan, output_rank) {
+        eprint!("{}", plan.table(None));
+    }
+    let (backend, defaults) = model.load::<B>(&device, one_request, plan.as_ref())?;
     let bar = match output_rank {
         true => ProgressBar::new(0),
         false => ProgressBar::hidden(),
@@ -179,14 +196,17 @@ fn load(
         "{msg:>14} [{bar:40}] {pos}/{len} steps {elapsed_precise}",
     )?);
     let decode_bar = bar.clone();
-    let generator = Generator::new(backend).on_decode_progress(move |done, total| {
-        decode_bar.set_message(format!("decode {done}/{total}"));
-    });
+    let oom_retry = model.oom_retry || model.low_mem == LowMem::Auto;
+    let generator = Generator::new(backend)
+        .with_oom_retry(oom_retry)
+        .on_decode_progress(move |done, total| {
+            decode_bar.set_message(format!("decode {done}/{total}"));
+        });
     let generator = match mesh {
         Some(mesh) => generator.with_mesh(mesh),
         None => generator,
     };
-    Ok((generator, defaults, bar))
+    Ok((generator, defaults, bar, plan))
 }
 
 /// Runs the request step by step under a progress bar, then the cache check when asked.
@@ -255,7 +275,7 @@ fn describe(p: &DiffusionUserParams, generator: &Generator<B>) -> String {
         p.seed,
         generator.backend.memory(p.low_mem).0,
         generator.backend.name,
-        generator.backend.dtype,
+        chitu::pipeline::Format::new(generator.backend.dtype, generator.backend.weights).name(),
         (pixels * 4) as f64 / (1 << 20) as f64,
         estimate.bytes as f64 / 1e9,
         estimate.stage

@@ -2,10 +2,12 @@
 //! per concern: the model, the request, the outputs. The CLI's own wording (hints such as "try
 //! `--low-mem`") lives here, not in the library's errors.
 
+mod memory;
 mod prompts;
+pub use memory::LowMem;
 pub use prompts::Request;
 
-use crate::pipeline::{DiffusionBackend, DiffusionUserParams, GenError, LoadOptions, Precision, Video};
+use crate::pipeline::{DiffusionBackend, DiffusionUserParams, GenError, LoadOptions, Precision, Video, Weights};
 use burn::tensor::backend::Backend;
 use chitu_cache::CacheConfig;
 use chitu_sched::SolverKind;
@@ -63,50 +65,83 @@ pub struct ModelArgs {
     /// Memory saving level: 1 decodes the VAE in tiles; 2 also keeps the text encoder off the
     /// device except while it encodes; 3 also keeps only the active DiT on the device. On a GPU
     /// a model off the device waits in host memory; on the CPU it is dropped and read again
-    /// from its files when needed.
-    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=3))]
-    pub low_mem: u8,
+    /// from its files when needed. `auto` (the default) chooses the level and the weight format
+    /// for a model folder before loading it: the cheapest plan that fits the memory budget,
+    /// printed as a table; it also retries a stage that runs out of device memory once.
+    #[arg(long, default_value_t = LowMem::Auto)]
+    pub low_mem: LowMem,
+    /// The memory budget for `--low-mem auto`, in GB; by default the memory available now on
+    /// the CPU (a GPU's memory is not read: pass its size).
+    #[arg(long, value_parser = memory::budget_gb)]
+    pub memory_budget: Option<f64>,
+    /// Retry a stage that runs out of device memory once, at the next memory level (always on
+    /// under `--low-mem auto`).
+    #[arg(long)]
+    pub oom_retry: bool,
     /// The dtype of the DiT's and the text encoder's weights: f32, bf16 or f16. The parts
     /// diffusers keeps in f32 (embedders, modulation, norms) stay f32, and so do the
     /// activations, latents and the scheduler.
     #[arg(long, default_value_t = Precision::Bf16)]
     pub dtype: Precision,
     /// The dtype of the VAE's weights (f32, bf16 or f16); f32 unless asked, as diffusers keeps it.
-    #[arg(long, default_value_t = Precision::F32)]
+    #[arg(long, default_value_t = Precision::F32, value_parser = vae_dtype)]
     pub vae_dtype: Precision,
+    /// How the DiT's and the text encoder's linear layers are held: `float` (in --dtype) or
+    /// `int8` (quantized at load, one scale per 64 weights: about half of bf16's memory). Left
+    /// to `--low-mem auto`'s plan when not given; `float` otherwise.
+    #[arg(long)]
+    pub weights: Option<Weights>,
+}
+
+/// `--vae-dtype`, refusing an 8-bit request by name: the VAE's convolutions have no 8-bit path.
+fn vae_dtype(s: &str) -> Result<Precision, String> {
+    if s.trim().parse::<Weights>() == Ok(Weights::Int8) {
+        return Err("the VAE has no 8-bit path (its convolutions run in f32, bf16 or f16); \
+                    --weights int8 quantizes the DiT and the text encoder"
+            .into());
+    }
+    s.parse::<Precision>().map_err(|e| e.to_string())
 }
 
 impl ModelArgs {
     /// The load options these arguments ask for.
     pub fn options(&self) -> LoadOptions {
         LoadOptions {
-            low_mem: self.low_mem,
+            low_mem: self.low_mem.level(),
             dtype: self.dtype,
             vae_dtype: self.vae_dtype,
+            weights: self.weights.unwrap_or_default(),
             release_after_use: false,
         }
     }
 
-    /// Loads the model on `device`, with the defaults a request for it starts from: Wan2.1's for
-    /// a folder, the embedded model's own small size otherwise. With `one_request` each model
-    /// is released once its stage is over ([`LoadOptions::release_after_use`]).
+    /// The defaults a request starts from: Wan2.1's for a folder, the embedded model's own small
+    /// size otherwise.
+    pub fn defaults(&self) -> DiffusionUserParams {
+        match &self.model_dir {
+            Some(_) => DiffusionUserParams::default(),
+            None => DiffusionUserParams::tiny(String::new()),
+        }
+    }
+
+    /// Loads the model on `device` as `plan` says (from [`ModelArgs::plan`]), or as the
+    /// arguments say without one, with [`ModelArgs::defaults`]. With `one_request` each model is
+    /// released once its stage is over ([`LoadOptions::release_after_use`]).
     pub fn load<B: Backend>(
         &self,
         device: &B::Device,
         one_request: bool,
+        plan: Option<&crate::pipeline::MemoryPlan>,
     ) -> Result<(DiffusionBackend<B>, DiffusionUserParams), GenError> {
         let options = LoadOptions {
             release_after_use: one_request,
-            ..self.options()
+            ..plan.map_or_else(|| self.options(), |p| p.options())
         };
         match &self.model_dir {
-            Some(dir) => Ok((
-                DiffusionBackend::load(dir, device, options)?,
-                DiffusionUserParams::default(),
-            )),
+            Some(dir) => Ok((DiffusionBackend::load(dir, device, options)?, self.defaults())),
             None => Ok((
-                DiffusionBackend::embedded_tiny_as(device, self.dtype)?,
-                DiffusionUserParams::tiny(String::new()),
+                DiffusionBackend::embedded_tiny_as(device, self.options().format())?,
+                self.defaults(),
             )),
         }
     }

@@ -7,7 +7,7 @@
 
 use crate::{DitError, WanDitConfig, WanTransformer};
 use burn::tensor::backend::Backend;
-use chitu_store::{load_strict_as, weight_files, Cast, LoadReport, Precision};
+use chitu_store::{load_strict_as, weight_files, Cast, Format, LoadReport, Precision};
 use std::path::{Path, PathBuf};
 
 /// Which naming scheme a checkpoint uses.
@@ -84,13 +84,14 @@ impl<B: Backend> WanTransformer<B> {
         Self::from_dir_as(dir, device, Precision::F32)
     }
 
-    /// [`WanTransformer::from_dir`], holding the weight matrices in `precision`.
-    pub fn from_dir_as(dir: impl AsRef<Path>, device: &B::Device, precision: Precision) -> Result<Self, DitError> {
+    /// [`WanTransformer::from_dir`], holding the weight matrices in `format` (a [`Precision`], or
+    /// one with int8 linear layers).
+    pub fn from_dir_as(dir: impl AsRef<Path>, device: &B::Device, format: impl Into<Format>) -> Result<Self, DitError> {
         let dir = dir.as_ref();
         let (config, json) = WanDitConfig::read(&dir.join("config.json"))?;
         let layout = CheckpointLayout::of_config(&json);
         let files = weight_files(dir, "diffusion_pytorch_model")?;
-        let (model, _) = Self::new(config, device)?.load_weights_as(&files, layout, precision)?;
+        let (model, _) = Self::new(config, device)?.load_weights_as(&files, layout, format)?;
         Ok(model)
     }
 
@@ -101,17 +102,14 @@ impl<B: Backend> WanTransformer<B> {
         self.load_weights_as(files, layout, Precision::F32)
     }
 
-    /// [`WanTransformer::load_weights`], holding the weight matrices in `precision`.
+    /// [`WanTransformer::load_weights`], holding the weight matrices in `format`.
     pub fn load_weights_as(
         self,
         files: &[PathBuf],
         layout: CheckpointLayout,
-        precision: Precision,
+        format: impl Into<Format>,
     ) -> Result<(Self, LoadReport), DitError> {
-        let cast = Cast {
-            precision,
-            keep_f32: KEEP_F32,
-        };
+        let cast = Cast::new(format, KEEP_F32);
         Ok(load_strict_as(
             self,
             files,

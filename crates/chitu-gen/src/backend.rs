@@ -4,10 +4,12 @@
 use crate::native::{find, is_wan_native, WanNativeConfig};
 use crate::{DiffusionUserParams, GenError, Offloaded};
 use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::backend::DTypeUsage;
+use burn::tensor::DType;
 use burn::tensor::{backend::Backend, Tensor};
 use chitu_dit::{WanDitConfig, WanTransformer};
 use chitu_sched::SchedulerSpec;
-use chitu_store::{cast_module, Cast, Precision};
+use chitu_store::{cast_module, Cast, Format, Precision, Weights};
 use chitu_text::{T5Tokenizer, TextEncoder, Umt5Config, Umt5Encoder};
 use chitu_vae::{WanVae, WanVaeConfig};
 use std::path::{Path, PathBuf};
@@ -25,6 +27,9 @@ pub struct LoadOptions {
     pub dtype: Precision,
     /// The dtype of the VAE's conv kernels; f32 unless asked, as diffusers and Wan keep it.
     pub vae_dtype: Precision,
+    /// How the DiT's and the text encoder's linear layers are held: in `dtype`, or as int8
+    /// blocks quantized at load (chitu-store's [`Weights`]). The VAE has no linear layers.
+    pub weights: Weights,
     /// For a run of one request (the CLI): each model is released when its stage ends, the text
     /// encoder once the prompts are encoded and the DiTs before the decode, so that the peak is
     /// the largest stage instead of the sum of the models. A later request reloads them from
@@ -33,6 +38,11 @@ pub struct LoadOptions {
 }
 
 impl LoadOptions {
+    /// How the DiTs and the text encoder are held.
+    pub fn format(&self) -> Format {
+        Format::new(self.dtype, self.weights)
+    }
+
     /// `dit` released at once in a one-request run: loading it checked its files, and it comes
     /// back after the prompts are encoded, so that the text encoder and the DiTs are never
     /// resident together.
@@ -56,6 +66,13 @@ impl LoadOptions {
                     backend: B::name(device),
                 });
             }
+        }
+        let int8 = DType::QFloat(chitu_store::int8_scheme(chitu_store::INT8_BLOCK));
+        if self.weights == Weights::Int8 && !B::dtype_usage(device, int8).contains(DTypeUsage::Storage) {
+            return Err(GenError::Weights {
+                weights: self.weights,
+                backend: B::name(device),
+            });
         }
         Ok(())
     }
@@ -110,6 +127,8 @@ pub struct DiffusionBackend<B: Backend> {
     pub text_max_len: usize,
     /// The dtype of the DiT's and the text encoder's weight matrices.
     pub dtype: Precision,
+    /// How their linear layers are held ([`LoadOptions::weights`]).
+    pub weights: Weights,
     /// Whether each model is released when its stage ends ([`LoadOptions::release_after_use`]).
     pub release_after_use: bool,
 }
@@ -176,7 +195,7 @@ impl<B: Backend> DiffusionBackend<B> {
         }
         options.check::<B>(device)?;
         let memory = MemoryLevel(options.low_mem);
-        let dtype = options.dtype;
+        let (dtype, format) = (options.dtype, options.format());
         let names: &[&str] = if second {
             &["transformer", "transformer_2"]
         } else {
@@ -184,7 +203,7 @@ impl<B: Backend> DiffusionBackend<B> {
         };
         let mut model_pool = Vec::new();
         for name in names {
-            let reload = dit_reload(dir.join(name), dtype);
+            let reload = dit_reload(dir.join(name), format);
             let dit = reload(device)?;
             let dit = Offloaded::loaded(*name, dit, device, memory.parks_dits(), reload)?;
             model_pool.push(options.released_if_one_shot(dit)?);
@@ -193,7 +212,7 @@ impl<B: Backend> DiffusionBackend<B> {
         // Loaded last: a one-request run encodes with it first, while the DiTs wait released.
         let text_reload: crate::Reload<B, TextEncoder<B>> = {
             let dir = dir.to_path_buf();
-            Arc::new(move |device| Ok(TextEncoder::from_pipeline_dir_as(&dir, device, dtype)?))
+            Arc::new(move |device| Ok(TextEncoder::from_pipeline_dir_as(&dir, device, format)?))
         };
         let text = text_reload(device)?;
         let text = Offloaded::loaded("text encoder", text, device, memory.parks_text(), text_reload)?;
@@ -210,6 +229,7 @@ impl<B: Backend> DiffusionBackend<B> {
             memory,
             text_max_len: text_max_len(&dir.join("tokenizer")),
             dtype,
+            weights: options.weights,
             release_after_use: options.release_after_use,
         })
     }
@@ -230,7 +250,7 @@ impl<B: Backend> DiffusionBackend<B> {
         check_boundary(dir, config.boundary_ratio)?;
         options.check::<B>(device)?;
         let memory = MemoryLevel(options.low_mem);
-        let dtype = options.dtype;
+        let (dtype, format) = (options.dtype, options.format());
         let t5 = find(
             dir,
             &[
@@ -257,7 +277,7 @@ impl<B: Backend> DiffusionBackend<B> {
         }
         let mut model_pool = Vec::new();
         for (i, d) in experts.iter().enumerate() {
-            let reload = dit_reload(d.clone(), dtype);
+            let reload = dit_reload(d.clone(), format);
             let dit = reload(device)?;
             let name = ["transformer", "transformer_2"][i];
             let dit = Offloaded::loaded(name, dit, device, memory.parks_dits(), reload)?;
@@ -275,7 +295,7 @@ impl<B: Backend> DiffusionBackend<B> {
                     &tokenizer,
                     text_config.clone(),
                     device,
-                    dtype,
+                    format,
                 )?)
             })
         };
@@ -292,6 +312,7 @@ impl<B: Backend> DiffusionBackend<B> {
             memory,
             text_max_len: text_max_len(&dir.join("google/umt5-xxl")),
             dtype,
+            weights: options.weights,
             release_after_use: options.release_after_use,
         })
     }
@@ -303,10 +324,13 @@ impl<B: Backend> DiffusionBackend<B> {
     }
 
     /// [`DiffusionBackend::embedded_tiny`] with the text encoder's and the DiT's weight matrices
-    /// rounded to `dtype` (the same weights at f32 as [`DiffusionBackend::embedded_tiny`]).
-    pub fn embedded_tiny_as(device: &B::Device, dtype: Precision) -> Result<Self, GenError> {
+    /// held in `format` (the same weights at f32 as [`DiffusionBackend::embedded_tiny`], rounded
+    /// or quantized).
+    pub fn embedded_tiny_as(device: &B::Device, format: impl Into<Format>) -> Result<Self, GenError> {
+        let format = format.into();
         let options = LoadOptions {
-            dtype,
+            dtype: format.precision,
+            weights: format.weights,
             ..LoadOptions::default()
         };
         options.check::<B>(device)?;
@@ -346,10 +370,7 @@ impl<B: Backend> DiffusionBackend<B> {
         encoder.visit(&mut draw);
         dit.visit(&mut draw);
         vae.visit(&mut draw);
-        let cast = |keep_f32| Cast {
-            precision: dtype,
-            keep_f32,
-        };
+        let cast = |keep_f32| Cast::new(format, keep_f32);
         let encoder = cast_module(encoder, cast(chitu_text::KEEP_F32));
         let dit = cast_module(dit, cast(chitu_dit::KEEP_F32));
         let text = TextEncoder::new(tokenizer, encoder, device.clone());
@@ -363,7 +384,8 @@ impl<B: Backend> DiffusionBackend<B> {
             name: "embedded-tiny".into(),
             memory: MemoryLevel::default(),
             text_max_len: WAN_TEXT_LEN,
-            dtype,
+            dtype: format.precision,
+            weights: format.weights,
             release_after_use: false,
         })
     }
@@ -459,9 +481,9 @@ impl<B: Backend> DiffusionBackend<B> {
     }
 }
 
-/// Loads the transformer folder `dir` (again) in `dtype`.
-fn dit_reload<B: Backend>(dir: PathBuf, dtype: Precision) -> crate::Reload<B, WanTransformer<B>> {
-    Arc::new(move |device| Ok(WanTransformer::from_dir_as(&dir, device, dtype)?))
+/// Loads the transformer folder `dir` (again) in `format`.
+fn dit_reload<B: Backend>(dir: PathBuf, format: Format) -> crate::Reload<B, WanTransformer<B>> {
+    Arc::new(move |device| Ok(WanTransformer::from_dir_as(&dir, device, format)?))
 }
 
 /// Draws every lazily initialised parameter of a module now.

@@ -9,6 +9,7 @@
 
 use crate::{DiffusionBackend, DiffusionUserParams, GenError, MemoryLevel};
 use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::quantization::QuantLevel;
 use burn::tensor::{backend::Backend, Tensor};
 use std::fmt;
 
@@ -18,7 +19,15 @@ pub fn module_bytes<B: Backend, M: Module<B>>(module: &M) -> u64 {
     impl<B: Backend> ModuleVisitor<B> for Sum {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
             let t = param.val();
-            self.0 += (t.shape().num_elements() * t.dtype().size()) as u64;
+            let elements = t.shape().num_elements() as u64;
+            self.0 += match t.dtype() {
+                // One byte a value and an f32 scale a block (chitu-store's int8 layout).
+                burn::tensor::DType::QFloat(scheme) => match scheme.level {
+                    QuantLevel::Block(block) => chitu_store::int8_bytes(elements, block.num_elements()),
+                    QuantLevel::Tensor => elements + 4,
+                },
+                dtype => elements * dtype.size() as u64,
+            };
         }
     }
     let mut sum = Sum(0);
@@ -71,75 +80,157 @@ const TILE_ROWS: u64 = 320;
 /// Most bytes of attention scores the DiT's blocked kernel holds.
 const SCORES: u64 = chitu_dit::SCORE_BUDGET_BYTES as u64;
 
-impl<B: Backend> DiffusionBackend<B> {
-    /// The peak memory `params` needs at memory level `memory` on this backend's device.
-    pub fn estimate_memory(&self, params: &DiffusionUserParams, memory: MemoryLevel) -> MemoryEstimate {
-        let f32_bytes = 4u64;
-        let narrow = self.dtype != chitu_store::Precision::F32;
-        let text_w = self.text.weight_bytes();
-        let dits: Vec<u64> = self.model_pool.iter().map(|d| d.weight_bytes()).collect();
-        let (dit_sum, dit_max) = (dits.iter().sum::<u64>(), dits.iter().copied().max().unwrap_or(0));
-        let vae_w = module_bytes(&self.vae);
-        let text_away = memory.parks_text() || self.release_after_use;
-        let dits_away = memory.parks_dits() || self.release_after_use;
+/// What the memory estimate needs to know of a model: the bytes its weights take as held, and
+/// the shapes that set each stage's working memory. Taken from a loaded backend
+/// ([`DiffusionBackend::sizes`]) or, for a plan made before loading, from a folder's configs
+/// (`ModelSizes::of_folder`).
+#[derive(Debug, Clone)]
+pub struct ModelSizes {
+    /// The text encoder's weights (its token table stays in its file).
+    pub text_weights: u64,
+    /// Each DiT's weights.
+    pub dit_weights: Vec<u64>,
+    /// The VAE's weights.
+    pub vae_weights: u64,
+    /// The text encoder's shape.
+    pub text: chitu_text::Umt5Config,
+    /// The DiTs' shape (both experts share it).
+    pub dit: Option<chitu_dit::WanDitConfig>,
+    /// The VAE's base width.
+    pub vae_base_dim: usize,
+    /// The VAE's latent channels.
+    pub vae_z_dim: usize,
+    /// Whether the linear layers are held narrower than f32, so that each widens its weight into
+    /// a buffer per thread as it runs.
+    pub narrow: bool,
+}
 
-        let t = &self.text.shell().1;
-        let l = params.max_sequence_length as u64;
-        let widened = |rows: usize, cols: usize| if narrow { (rows * cols) as u64 * f32_bytes } else { 0 };
-        let text_act = f32_bytes * l * (8 * t.d_model as u64 + 3 * t.d_ff as u64)
-            + f32_bytes * (t.num_heads as u64) * l * l
-            + widened(t.d_model, t.d_ff);
+/// One stage's estimate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StageEstimate {
+    /// The stage.
+    pub stage: EstimatedStage,
+    /// Bytes of weights resident during it.
+    pub weights: u64,
+    /// Its peak: the weights, its working memory, the allocator's slack and the process.
+    pub bytes: u64,
+}
 
-        let d = self.model_pool.first().map(|m| m.shell().clone());
-        let [_, z, lt, lh, lw] = params.latent_shape(self.vae.config.z_dim);
-        let latent = (z * lt * lh * lw) as u64 * f32_bytes;
-        let dit_act = match &d {
-            Some(c) => {
-                let [pt, ph, pw] = c.patch_size;
-                let s = (lt.div_ceil(pt) * (lh / ph) * (lw / pw)) as u64;
-                let scores = (f32_bytes * c.num_heads as u64)
-                    .saturating_mul(s)
-                    .saturating_mul(s)
-                    .min(SCORES);
-                f32_bytes * s * (12 * c.dim() as u64 + 3 * c.ffn_dim as u64)
-                    + scores
-                    + 2 * f32_bytes * l * c.dim() as u64
-                    + 6 * latent
-                    + widened(c.dim(), c.ffn_dim)
-            }
-            None => 6 * latent,
-        };
+/// Each stage's estimate for `params` at memory level `memory`; `release_after_use` is
+/// [`crate::LoadOptions::release_after_use`].
+pub fn estimate_stages(
+    sizes: &ModelSizes,
+    params: &DiffusionUserParams,
+    memory: MemoryLevel,
+    release_after_use: bool,
+) -> [StageEstimate; 3] {
+    let f32_bytes = 4u64;
+    let text_w = sizes.text_weights;
+    let (dit_sum, dit_max) = (
+        sizes.dit_weights.iter().sum::<u64>(),
+        sizes.dit_weights.iter().copied().max().unwrap_or(0),
+    );
+    let vae_w = sizes.vae_weights;
+    let text_away = memory.parks_text() || release_after_use;
+    let dits_away = memory.parks_dits() || release_after_use;
 
-        let (h, w) = (params.height as u64, params.width as u64);
-        let video = 3 * params.num_frames as u64 * h * w * f32_bytes;
-        let rows = if memory.tiled_decode() { h.min(TILE_ROWS) } else { h };
-        let width = self.vae.config.base_dim as u64;
-        let vae_act = (VAE_FIXED + VAE_BYTES_PER_PIXEL * rows * w) * width / VAE_WIDTH + 2 * video;
+    let t = &sizes.text;
+    let l = params.max_sequence_length as u64;
+    let widened = |rows: usize, cols: usize| {
+        if sizes.narrow {
+            (rows * cols) as u64 * f32_bytes
+        } else {
+            0
+        }
+    };
+    let text_act = f32_bytes * l * (8 * t.d_model as u64 + 3 * t.d_ff as u64)
+        + f32_bytes * (t.num_heads as u64) * l * l
+        + widened(t.d_model, t.d_ff);
 
-        let resident_text = |active: bool| if active || !text_away { text_w } else { 0 };
-        let stages = [
-            (
-                EstimatedStage::TextEncode,
-                resident_text(true) + if dits_away { 0 } else { dit_sum } + text_act,
-            ),
-            (
-                EstimatedStage::Denoise,
-                resident_text(false) + if memory.parks_dits() { dit_max } else { dit_sum } + dit_act + latent,
-            ),
-            (
-                EstimatedStage::VaeDecode,
-                resident_text(false) + if dits_away { 0 } else { dit_sum } + vae_act,
-            ),
-        ];
-        let (stage, bytes) = stages
-            .into_iter()
-            .max_by_key(|(_, b)| *b)
-            .unwrap_or((EstimatedStage::Denoise, 0));
-        let bytes = bytes + vae_w;
-        MemoryEstimate {
+    let [_, z, lt, lh, lw] = params.latent_shape(sizes.vae_z_dim);
+    let latent = (z * lt * lh * lw) as u64 * f32_bytes;
+    let dit_act = match &sizes.dit {
+        Some(c) => {
+            let [pt, ph, pw] = c.patch_size;
+            let s = (lt.div_ceil(pt) * (lh / ph) * (lw / pw)) as u64;
+            let scores = (f32_bytes * c.num_heads as u64)
+                .saturating_mul(s)
+                .saturating_mul(s)
+                .min(SCORES);
+            f32_bytes * s * (12 * c.dim() as u64 + 3 * c.ffn_dim as u64)
+                + scores
+                + 2 * f32_bytes * l * c.dim() as u64
+                + 6 * latent
+                + widened(c.dim(), c.ffn_dim)
+        }
+        None => 6 * latent,
+    };
+
+    let (h, w) = (params.height as u64, params.width as u64);
+    let video = 3 * params.num_frames as u64 * h * w * f32_bytes;
+    let rows = if memory.tiled_decode() { h.min(TILE_ROWS) } else { h };
+    let width = sizes.vae_base_dim as u64;
+    let vae_act = (VAE_FIXED + VAE_BYTES_PER_PIXEL * rows * w) * width / VAE_WIDTH + 2 * video;
+
+    let resident_text = |active: bool| if active || !text_away { text_w } else { 0 };
+    let resident_dits = if dits_away { 0 } else { dit_sum };
+    let denoise_dits = if memory.parks_dits() { dit_max } else { dit_sum };
+    let stage = |stage, weights: u64, working: u64| {
+        let weights = weights + vae_w;
+        let bytes = weights + working;
+        StageEstimate {
             stage,
+            weights,
             bytes: bytes + bytes / 20 + BASELINE,
         }
+    };
+    [
+        stage(
+            EstimatedStage::TextEncode,
+            resident_text(true) + resident_dits,
+            text_act,
+        ),
+        stage(
+            EstimatedStage::Denoise,
+            resident_text(false) + denoise_dits,
+            dit_act + latent,
+        ),
+        stage(EstimatedStage::VaeDecode, resident_text(false) + resident_dits, vae_act),
+    ]
+}
+
+/// The largest of `stages`.
+pub fn largest(stages: &[StageEstimate]) -> MemoryEstimate {
+    let top = stages.iter().max_by_key(|s| s.bytes).copied();
+    MemoryEstimate {
+        stage: top.map_or(EstimatedStage::Denoise, |s| s.stage),
+        bytes: top.map_or(BASELINE, |s| s.bytes),
+    }
+}
+
+impl<B: Backend> DiffusionBackend<B> {
+    /// The sizes of this backend's models, as loaded.
+    pub fn sizes(&self) -> ModelSizes {
+        ModelSizes {
+            text_weights: self.text.weight_bytes(),
+            dit_weights: self.model_pool.iter().map(|d| d.weight_bytes()).collect(),
+            vae_weights: module_bytes(&self.vae),
+            text: self.text.shell().1.clone(),
+            dit: self.model_pool.first().map(|m| m.shell().clone()),
+            vae_base_dim: self.vae.config.base_dim,
+            vae_z_dim: self.vae.config.z_dim,
+            narrow: self.dtype != chitu_store::Precision::F32 || self.weights != chitu_store::Weights::Float,
+        }
+    }
+
+    /// Each stage's estimate for `params` at memory level `memory` on this backend.
+    pub fn stage_estimates(&self, params: &DiffusionUserParams, memory: MemoryLevel) -> [StageEstimate; 3] {
+        estimate_stages(&self.sizes(), params, memory, self.release_after_use)
+    }
+
+    /// The peak memory `params` needs at memory level `memory` on this backend's device.
+    pub fn estimate_memory(&self, params: &DiffusionUserParams, memory: MemoryLevel) -> MemoryEstimate {
+        largest(&self.stage_estimates(params, memory))
     }
 
     /// Refuses, on a backend whose device is host memory, a request whose estimate exceeds the
@@ -149,7 +240,9 @@ impl<B: Backend> DiffusionBackend<B> {
         if !chitu_host::host_kernels::<B>() {
             return Ok(());
         }
-        let Some(available) = available_memory() else {
+        // What this process holds already (the loaded models) counts: the estimate is of its
+        // whole peak, and the models it holds are part of it.
+        let Some(available) = reachable_memory() else {
             return Ok(());
         };
         let memory = self.memory(params.low_mem);
@@ -162,44 +255,78 @@ impl<B: Backend> DiffusionBackend<B> {
         if !memory.tiled_decode() && fits(params, MemoryLevel(1.max(memory.0))) {
             ways.push("--low-mem 1 (a tiled decode) would fit".to_string());
         }
-        // The most frames (4k+1) that fit at this size and level.
-        let fewer = (0..(params.num_frames.saturating_sub(1)) / 4).rev().map(|k| 4 * k + 1);
-        if let Some(frames) = fewer.clone().find(|&f| {
-            fits(
-                &DiffusionUserParams {
-                    num_frames: f,
-                    ..params.clone()
-                },
-                memory,
-            )
-        }) {
-            ways.push(format!("{frames} frames at this size would fit"));
-        }
         if ways.is_empty() {
-            // The size, halved until it fits, in the multiples of 16 the model takes.
-            let smaller = (1..=6).map(|k| 1usize << k).find_map(|div| {
-                let (h, w) = (params.height / div / 16 * 16, params.width / div / 16 * 16);
-                let p = DiffusionUserParams {
-                    height: h,
-                    width: w,
-                    ..params.clone()
-                };
-                (h >= 16 && w >= 16 && fits(&p, memory))
-                    .then(|| format!("{w}x{h} with {} frames would fit", params.num_frames))
-            });
-            ways.push(smaller.unwrap_or_else(|| "even a 16-pixel video of this length would not fit".into()));
+            ways = smaller_requests(fits, params, memory);
         }
-        Err(GenError::Params(format!(
-            "{}x{} with {} frames needs about {:.1} GB at its largest stage ({}), and {:.1} GB of memory is available: {}",
-            params.width,
-            params.height,
-            params.num_frames,
-            need.bytes as f64 / 1e9,
-            need.stage,
-            available as f64 / 1e9,
-            ways.join("; ")
-        )))
+        let available = format!("{:.1} GB of memory is available", available as f64 / 1e9);
+        Err(too_big(params, need, &available, &ways))
     }
+}
+
+/// The refusal of a request whose estimate `need` exceeds what `available` says there is, with
+/// `ways` it would fit.
+pub(crate) fn too_big(
+    params: &DiffusionUserParams,
+    need: MemoryEstimate,
+    available: &str,
+    ways: &[String],
+) -> GenError {
+    GenError::Params(format!(
+        "{}x{} with {} frames needs about {:.1} GB at its largest stage ({}), and {available}: {}",
+        params.width,
+        params.height,
+        params.num_frames,
+        need.bytes as f64 / 1e9,
+        need.stage,
+        ways.join("; ")
+    ))
+}
+
+/// Smaller versions of `params` that `fits` at `memory`: the most frames (4k+1) at this size, else
+/// the size halved until it fits, in the multiples of 16 the model takes.
+pub(crate) fn smaller_requests(
+    fits: impl Fn(&DiffusionUserParams, MemoryLevel) -> bool,
+    params: &DiffusionUserParams,
+    memory: MemoryLevel,
+) -> Vec<String> {
+    let mut ways = Vec::new();
+    let fewer = (0..(params.num_frames.saturating_sub(1)) / 4).rev().map(|k| 4 * k + 1);
+    if let Some(frames) = fewer.clone().find(|&f| {
+        fits(
+            &DiffusionUserParams {
+                num_frames: f,
+                ..params.clone()
+            },
+            memory,
+        )
+    }) {
+        ways.push(format!("{frames} frames at this size would fit"));
+    }
+    if ways.is_empty() {
+        let smaller = (1..=6).map(|k| 1usize << k).find_map(|div| {
+            let (h, w) = (params.height / div / 16 * 16, params.width / div / 16 * 16);
+            let p = DiffusionUserParams {
+                height: h,
+                width: w,
+                ..params.clone()
+            };
+            (h >= 16 && w >= 16 && fits(&p, memory))
+                .then(|| format!("{w}x{h} with {} frames would fit", params.num_frames))
+        });
+        ways.push(smaller.unwrap_or_else(|| "even a 16-pixel video of this length would not fit".into()));
+    }
+    ways
+}
+
+/// The memory this process can reach in all: what it holds now (`VmRSS`) plus what it can still
+/// take ([`available_memory`]). `None` where that cannot be read.
+pub fn reachable_memory() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok();
+    let rss = status.as_deref().and_then(|s| {
+        let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+        Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+    });
+    Some(available_memory()? + rss.unwrap_or(0))
 }
 
 /// The memory this process can still take: the kernel's `MemAvailable`, or what is left under

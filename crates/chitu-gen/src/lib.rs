@@ -25,6 +25,7 @@ mod check;
 mod encode;
 pub mod estimate;
 mod host_weights;
+mod memory_plan;
 mod native;
 mod offload;
 pub mod oom;
@@ -38,9 +39,10 @@ pub mod video;
 
 pub use backend::{DiffusionBackend, LoadOptions, MemoryLevel, TINY_WEIGHT_SEED};
 pub use check::CacheCheck;
-pub use chitu_store::Precision;
-pub use estimate::{EstimatedStage, MemoryEstimate};
+pub use chitu_store::{Format, Precision, Weights};
+pub use estimate::{estimate_stages, EstimatedStage, MemoryEstimate, ModelSizes, StageEstimate};
 pub use host_weights::HostWeights;
+pub use memory_plan::{plan_memory, BudgetSource, MemoryPlan, PlanLimits};
 pub use native::{is_wan_native, WanNativeConfig};
 pub use offload::{Offload, OffloadError, Offloaded, Reload};
 pub use parallel::UlyssesGroup;
@@ -48,7 +50,7 @@ pub use params::DiffusionUserParams;
 pub use pipeline::{seeded_noise, video_to_frames, Generator};
 pub use plan::{PlanOutput, PlanStage};
 pub use pool::{TaskId, TaskPool};
-pub use task::{DiffusionTask, Stage, StageTimings};
+pub use task::{DiffusionTask, OomRetry, Stage, StageTimings};
 pub use video::{Video, VideoError};
 
 use std::path::PathBuf;
@@ -130,6 +132,14 @@ pub enum GenError {
         what: &'static str,
         /// The dtype asked for.
         precision: chitu_store::Precision,
+        /// The backend's name.
+        backend: String,
+    },
+    /// The backend cannot hold weights in the asked format.
+    #[error("--weights {weights}: this backend ({backend}) cannot hold quantized tensors; use --weights float")]
+    Weights {
+        /// The format asked for.
+        weights: chitu_store::Weights,
         /// The backend's name.
         backend: String,
     },

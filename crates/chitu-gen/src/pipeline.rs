@@ -10,7 +10,7 @@
 use crate::backend::LoadOptions;
 use crate::parallel::Parallel;
 use crate::task::{Denoising, State};
-use crate::{DiffusionBackend, DiffusionTask, DiffusionUserParams, GenError, Stage};
+use crate::{DiffusionBackend, DiffusionTask, DiffusionUserParams, GenError, MemoryLevel, Stage};
 use burn::tensor::{backend::Backend, ElementConversion, Tensor, TensorData};
 use chitu_cache::{Branch, DitCall, DitInput};
 use chitu_dist::Mesh;
@@ -30,6 +30,10 @@ pub struct Generator<B: Backend> {
     parallel: Option<Parallel<B>>,
     /// Told `(done, total)` after each latent frame the VAE decodes.
     on_decode: Option<Box<dyn Fn(usize, usize) + Send + Sync>>,
+    /// Retry a stage that runs out of device memory once, at a higher memory level.
+    oom_retry: bool,
+    /// Simulated allocation failures still to come: (stage, how many).
+    simulated_oom: std::sync::Mutex<Option<(Stage, usize)>>,
 }
 
 impl<B: Backend> Generator<B> {
@@ -40,6 +44,36 @@ impl<B: Backend> Generator<B> {
             check_nan_enabled: true,
             parallel: None,
             on_decode: None,
+            oom_retry: false,
+            simulated_oom: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Retries a stage that runs out of device memory once, at the next memory level (the seed's
+    /// error handling: raise `low_mem_level`, retry). The retry starts from the last completed
+    /// step, which a failed stage leaves as it was, and the raised level holds for the rest of the
+    /// task; [`DiffusionTask::oom_retries`] records it.
+    pub fn with_oom_retry(mut self, on: bool) -> Self {
+        self.oom_retry = on;
+        self
+    }
+
+    /// Makes the next `times` runs of `stage` fail as a device allocation failure does: how the
+    /// out-of-memory handling is tested on a machine whose allocations do not fail.
+    #[doc(hidden)]
+    pub fn simulate_oom(&self, stage: Stage, times: usize) {
+        *self.simulated_oom.lock().unwrap_or_else(|e| e.into_inner()) = Some((stage, times));
+    }
+
+    /// Panics as cubecl does when an allocation fails, if a simulated failure of `stage` is due.
+    fn simulated_failure(&self, stage: Stage) {
+        let mut due = self.simulated_oom.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((s, n)) = due.as_mut() {
+            if *s == stage && *n > 0 {
+                *n -= 1;
+                drop(due);
+                panic!("simulated allocation failure: BufferTooBig");
+            }
         }
     }
 
@@ -92,22 +126,42 @@ impl<B: Backend> Generator<B> {
     /// Advances `task` by exactly one unit: text encoding, one denoise step, or the VAE decode.
     /// A failed denoise step leaves the task at the last completed step.
     ///
-    /// A device allocation failure comes back as [`GenError::OutOfMemory`] naming the stage.
+    /// A device allocation failure comes back as [`GenError::OutOfMemory`] naming the stage, or,
+    /// with [`Generator::with_oom_retry`], is retried once at the next memory level.
     pub fn generate_step(&self, task: &mut DiffusionTask<B>) -> Result<(), GenError> {
         let (stage, step) = (task.stage(), task.step());
-        let name = || match stage {
-            Stage::TextEncode => "text encode".to_string(),
-            Stage::Denoise => format!("denoise step {step}"),
-            Stage::VaeDecode => "VAE decode".into(),
-            Stage::Done => "done".into(),
-        };
         let t0 = Instant::now();
-        crate::oom::guard(name, || match stage {
-            Stage::TextEncode => self.encode_stage(task),
-            Stage::Denoise => self.denoise_stage(task),
-            Stage::VaeDecode => self.decode_stage(task),
-            Stage::Done => Ok(()),
-        })?;
+        let measured = crate::video::start_stage_peak();
+        let result = self.run_stage(task, stage, step);
+        let result = match result {
+            Err(GenError::OutOfMemory { stage: name, detail }) if self.oom_retry => {
+                let from = self.backend.memory(task.params.low_mem);
+                let Some(to) = next_level(stage, from) else {
+                    return Err(GenError::OutOfMemory { stage: name, detail });
+                };
+                tracing::warn!(
+                    "{name} ran out of device memory ({detail}); retrying at low-mem {}",
+                    to.0
+                );
+                task.params.low_mem = to.0;
+                task.oom_retries.push(crate::OomRetry {
+                    stage: name,
+                    detail,
+                    from_level: from.0,
+                    to_level: to.0,
+                });
+                self.backend.park_for(to)?;
+                self.run_stage(task, stage, step)
+            }
+            other => other,
+        };
+        result?;
+        if measured {
+            let i = stage as usize;
+            if let (Some(peak), Some(slot)) = (crate::video::stage_peak(), task.peaks.get_mut(i)) {
+                *slot = Some(slot.map_or(peak, |p: u64| p.max(peak)));
+            }
+        }
         let elapsed = t0.elapsed().as_secs_f64();
         match stage {
             Stage::TextEncode => task.timings.text_encode += elapsed,
@@ -116,6 +170,25 @@ impl<B: Backend> Generator<B> {
             Stage::Done => {}
         }
         Ok(())
+    }
+
+    /// One run of `stage`, with a device allocation failure as [`GenError::OutOfMemory`].
+    fn run_stage(&self, task: &mut DiffusionTask<B>, stage: Stage, step: usize) -> Result<(), GenError> {
+        let name = || match stage {
+            Stage::TextEncode => "text encode".to_string(),
+            Stage::Denoise => format!("denoise step {step}"),
+            Stage::VaeDecode => "VAE decode".into(),
+            Stage::Done => "done".into(),
+        };
+        crate::oom::guard(name, || {
+            self.simulated_failure(stage);
+            match stage {
+                Stage::TextEncode => self.encode_stage(task),
+                Stage::Denoise => self.denoise_stage(task),
+                Stage::VaeDecode => self.decode_stage(task),
+                Stage::Done => Ok(()),
+            }
+        })
     }
 
     /// Progress from 0 to 1: text encoding and decoding count as one step each.
@@ -138,6 +211,7 @@ impl<B: Backend> Generator<B> {
         if memory.parks_dits() {
             // No DiT is active while the prompt is encoded.
             self.backend.park_dits_except(None)?;
+            crate::video::start_stage_peak();
         }
         // Under CFG parallelism each rank encodes only the prompt of its own branch.
         let branch = self.cfg_branch(p);
@@ -315,6 +389,8 @@ impl<B: Backend> Generator<B> {
                         dit.release()?;
                     }
                 }
+                // The decode's own peak starts here, without the models it just let go.
+                crate::video::start_stage_peak();
                 let video = match memory.tiled_decode() {
                     true => self.decode_vae_tiled(latents.clone())?,
                     false => self.decode_vae(latents.clone())?,
@@ -413,4 +489,17 @@ pub fn seeded_noise<B: Backend>(seed: u64, shape: [usize; 5], device: &B::Device
 /// Frames as diffusers' `output_type="np"`: `(video / 2 + 0.5)` clamped to [0, 1], `[B, F, H, W, 3]`.
 pub fn video_to_frames<B: Backend>(video: Tensor<B, 5>) -> Tensor<B, 5> {
     (video / 2.0 + 0.5).clamp(0.0, 1.0).permute([0, 2, 3, 4, 1])
+}
+
+/// The memory level a stage that ran out of device memory at `from` is retried at: the text
+/// encoding with the DiTs off the device, a denoise step with the text encoder off it too (level
+/// 2; then only the active DiT, level 3), the decode in tiles (level 1; then the higher levels,
+/// which clear the device of the other models). `None` when nothing higher is left.
+fn next_level(stage: Stage, from: MemoryLevel) -> Option<MemoryLevel> {
+    let to = match stage {
+        Stage::TextEncode => 3,
+        Stage::Denoise => (from.0 + 1).max(2),
+        Stage::VaeDecode | Stage::Done => from.0 + 1,
+    };
+    (to > from.0 && to <= 3).then_some(MemoryLevel(to))
 }

@@ -73,6 +73,24 @@ pub struct DiffusionTask<B: Backend> {
     pub(crate) expert_override: Option<(usize, f64)>,
     /// The request's FlexCache policy, with its state for this run.
     pub(crate) cache: Option<Box<dyn CachePolicy<B>>>,
+    /// Each stage's peak resident memory (text encoding, denoising, the decode), where measured.
+    pub(crate) peaks: [Option<u64>; 3],
+    /// The stages retried after running out of device memory.
+    pub(crate) oom_retries: Vec<OomRetry>,
+}
+
+/// A stage that ran out of device memory and was retried at a higher memory level
+/// ([`crate::Generator::with_oom_retry`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct OomRetry {
+    /// The stage (`denoise step 3`).
+    pub stage: String,
+    /// What the device said.
+    pub detail: String,
+    /// The level it failed at.
+    pub from_level: u8,
+    /// The level it was retried at.
+    pub to_level: u8,
 }
 
 impl<B: Backend> DiffusionTask<B> {
@@ -91,6 +109,8 @@ impl<B: Backend> DiffusionTask<B> {
             start_latents: None,
             expert_override: None,
             cache,
+            peaks: [None; 3],
+            oom_retries: Vec::new(),
         })
     }
 
@@ -175,6 +195,17 @@ impl<B: Backend> DiffusionTask<B> {
     /// Seconds spent per stage so far.
     pub fn timings(&self) -> StageTimings {
         self.timings
+    }
+
+    /// Each stage's peak resident memory (text encoding, denoising, the decode) where the
+    /// platform measures it (Linux), for the stages run so far.
+    pub fn stage_peaks(&self) -> [Option<u64>; 3] {
+        self.peaks
+    }
+
+    /// The stages retried after running out of device memory.
+    pub fn oom_retries(&self) -> &[OomRetry] {
+        &self.oom_retries
     }
 
     /// The latents denoising started from, once text encoding has set them.

@@ -115,6 +115,9 @@ pub struct Video {
     timings: StageTimings,
     model: String,
     dtype: chitu_store::Precision,
+    weights: chitu_store::Weights,
+    stage_peaks: [Option<u64>; 3],
+    oom_retries: Vec<crate::OomRetry>,
 }
 
 impl Video {
@@ -124,6 +127,7 @@ impl Video {
         backend: &crate::DiffusionBackend<B>,
     ) -> Result<Self, GenError> {
         let (params, timings) = (task.params().clone(), task.timings());
+        let (stage_peaks, oom_retries) = (task.stage_peaks(), task.oom_retries().to_vec());
         let frames = RgbFrames::from_tensor(crate::video_to_frames(task.into_video()?))?;
         Ok(Self {
             frames,
@@ -131,6 +135,9 @@ impl Video {
             timings,
             model: backend.name.clone(),
             dtype: backend.dtype,
+            weights: backend.weights,
+            stage_peaks,
+            oom_retries,
         })
     }
 
@@ -158,6 +165,16 @@ impl Video {
     pub fn metadata(&self, files: &[PathBuf]) -> serde_json::Value {
         let mut json = sidecar(&self.params, &self.timings, &self.model, files);
         json["dtype"] = self.dtype.name().into();
+        json["weights"] = self.weights.name().into();
+        let [text, denoise, decode] = self.stage_peaks;
+        json["stage_peak_rss_bytes"] = serde_json::json!({
+            "text_encode": text,
+            "denoise": denoise,
+            "vae_decode": decode,
+        });
+        if !self.oom_retries.is_empty() {
+            json["oom_retries"] = serde_json::to_value(&self.oom_retries).unwrap_or_default();
+        }
         json
     }
 
@@ -244,8 +261,9 @@ pub fn output_stem(prompt: &str, seed: u64, steps: usize) -> String {
     format!("{slug}_seed{seed}_step{steps}")
 }
 
-/// Peak resident memory of this process in bytes (Linux `VmHWM`), if known.
-pub fn peak_rss_bytes() -> Option<u64> {
+/// The kernel's peak resident memory of this process since it started or since the last
+/// [`start_stage_peak`] (Linux `VmHWM`).
+fn kernel_peak() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let kb: u64 = status
         .lines()
@@ -255,6 +273,31 @@ pub fn peak_rss_bytes() -> Option<u64> {
         .parse()
         .ok()?;
     Some(kb * 1024)
+}
+
+/// The process's peak before the last [`start_stage_peak`] reset the kernel's.
+static EARLIER_PEAK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Peak resident memory of this process in bytes (Linux `VmHWM`, across the resets of
+/// [`start_stage_peak`]), if known.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let now = kernel_peak()?;
+    Some(now.max(EARLIER_PEAK.load(std::sync::atomic::Ordering::Relaxed)))
+}
+
+/// Starts measuring one stage's own peak: the kernel's high-water mark is reset to the memory
+/// resident now (`/proc/self/clear_refs`), after folding it into [`peak_rss_bytes`]. Returns
+/// whether the reset took; where it did not, [`stage_peak`] would give the process's peak.
+pub fn start_stage_peak() -> bool {
+    if let Some(now) = kernel_peak() {
+        EARLIER_PEAK.fetch_max(now, std::sync::atomic::Ordering::Relaxed);
+    }
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// The peak resident memory since [`start_stage_peak`] returned true.
+pub fn stage_peak() -> Option<u64> {
+    kernel_peak()
 }
 
 /// The JSON sidecar: request, per-stage timings, peak memory and the files written.

@@ -11,14 +11,23 @@
 use crate::host_kernels;
 use burn::nn::Linear;
 use burn::tensor::backend::Backend;
-use burn::tensor::{bf16, f16, DType, Tensor, TensorData};
+use burn::tensor::quantization::{QTensorPrimitive, QuantLevel, QuantValue};
+use burn::tensor::{bf16, f16, DType, Tensor, TensorData, TensorPrimitive};
 use rayon::prelude::*;
 use std::any::Any;
 
-/// `t` in `dtype`; a no-op when it is already.
+/// `t` in `dtype`; a no-op when it is already. A quantized `t` (int8 weights) is dequantized.
 pub fn cast<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
     if t.dtype() == dtype {
         return t;
+    }
+    if matches!(t.dtype(), DType::QFloat(_)) {
+        if host_kernels::<B>() && dtype == DType::F32 {
+            if let Some(wide) = widen_host(&t) {
+                return wide;
+            }
+        }
+        return cast(t.dequantize(), dtype);
     }
     if host_kernels::<B>() && dtype == DType::F32 {
         if let Some(wide) = widen_host(&t) {
@@ -36,7 +45,7 @@ pub fn like<B: Backend, const D: usize, const E: usize>(t: Tensor<B, D>, other: 
 /// burn's `Linear::forward` with the weight and bias in `x`'s dtype.
 pub fn linear<B: Backend, const D: usize>(layer: &Linear<B>, x: Tensor<B, D>) -> Tensor<B, D> {
     let weight = layer.weight.val();
-    if crate::is_host_f32(&x) && matches!(weight.dtype(), DType::BF16 | DType::F16) {
+    if crate::is_host_f32(&x) && matches!(weight.dtype(), DType::BF16 | DType::F16 | DType::QFloat(_)) {
         if let Some(y) = linear_host(&weight, layer.bias.as_ref().map(|b| b.val()), &x) {
             return y;
         }
@@ -52,29 +61,70 @@ thread_local! {
     static WIDE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// The narrow bits of a burn-flex tensor that covers its whole contiguous buffer.
-fn flex_of<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<burn_flex::FlexTensor> {
-    let prim: Box<dyn Any> = Box::new(t.clone().into_primitive().tensor());
-    let flex = *prim.downcast::<burn_flex::FlexTensor>().ok()?;
-    let contiguous = flex.layout().is_contiguous() && flex.layout().start_offset() == 0;
-    contiguous.then_some(flex)
+/// A burn-flex weight held narrower than f32.
+enum Narrow {
+    /// bf16 or f16.
+    Float(burn_flex::FlexTensor),
+    /// int8 values with one scale per block.
+    Int8(burn_flex::FlexQTensor),
 }
 
-/// Widens `flex` (bf16 or f16) into `dst`, in parallel; `None` for another dtype or a short
-/// buffer.
-fn widen_into(flex: &burn_flex::FlexTensor, dst: &mut [f32]) -> Option<()> {
+/// The narrow bits of a burn-flex tensor that covers its whole contiguous buffer.
+fn flex_of<B: Backend, const D: usize>(t: &Tensor<B, D>) -> Option<Narrow> {
+    let whole = |flex: &burn_flex::FlexTensor| flex.layout().is_contiguous() && flex.layout().start_offset() == 0;
+    match t.clone().into_primitive() {
+        TensorPrimitive::Float(p) => {
+            let prim: Box<dyn Any> = Box::new(p);
+            let flex = *prim.downcast::<burn_flex::FlexTensor>().ok()?;
+            whole(&flex).then_some(Narrow::Float(flex))
+        }
+        TensorPrimitive::QFloat(q) => {
+            let prim: Box<dyn Any> = Box::new(q);
+            let q = *prim.downcast::<burn_flex::FlexQTensor>().ok()?;
+            whole(q.tensor()).then_some(Narrow::Int8(q))
+        }
+    }
+}
+
+/// Widens `narrow` into `dst`, in parallel; `None` for another dtype, another quantization
+/// scheme or a short buffer.
+fn widen_into(narrow: &Narrow, dst: &mut [f32]) -> Option<()> {
+    const CHUNK: usize = 1 << 16;
     fn each<T: bytemuck::Pod + Send + Sync>(src: &[T], dst: &mut [f32], f: fn(T) -> f32) -> Option<()> {
-        const CHUNK: usize = 1 << 16;
         let src = src.get(..dst.len())?;
         dst.par_chunks_mut(CHUNK)
             .zip(src.par_chunks(CHUNK))
             .for_each(|(o, s)| o.iter_mut().zip(s).for_each(|(o, s)| *o = f(*s)));
         Some(())
     }
-    match flex.dtype() {
-        DType::BF16 => each(flex.as_slice::<bf16>()?, dst, bf16::to_f32),
-        DType::F16 => each(flex.as_slice::<f16>()?, dst, f16::to_f32),
-        _ => None,
+    match narrow {
+        Narrow::Float(flex) => match flex.dtype() {
+            DType::BF16 => each(flex.as_slice::<bf16>()?, dst, bf16::to_f32),
+            DType::F16 => each(flex.as_slice::<f16>()?, dst, f16::to_f32),
+            _ => None,
+        },
+        Narrow::Int8(q) => {
+            let scheme = q.scheme();
+            let QuantLevel::Block(block) = scheme.level else {
+                return None;
+            };
+            let block = block.num_elements();
+            let symmetric = matches!(scheme.value, QuantValue::Q8S | QuantValue::Q8F);
+            let (values, scales) = (q.tensor().as_slice::<i8>()?, q.scales());
+            if !symmetric || block == 0 || !CHUNK.is_multiple_of(block) || scales.len() * block < dst.len() {
+                return None;
+            }
+            let values = values.get(..dst.len())?;
+            dst.par_chunks_mut(CHUNK)
+                .zip(values.par_chunks(CHUNK))
+                .zip(scales.par_chunks(CHUNK / block))
+                .for_each(|((o, v), s)| {
+                    for ((o, v), s) in o.chunks_mut(block).zip(v.chunks(block)).zip(s) {
+                        o.iter_mut().zip(v).for_each(|(o, v)| *o = *v as f32 * s);
+                    }
+                });
+            Some(())
+        }
     }
 }
 
@@ -176,6 +226,26 @@ mod tests {
             view.into_data()
                 .assert_eq(&narrow.transpose().cast(DType::F32).into_data(), true);
         }
+    }
+
+    #[test]
+    fn int8_weights_widen_to_burns_own_dequantization() {
+        use burn::tensor::quantization::{BlockSize, QuantLevel, QuantScheme, QuantStore, QuantValue};
+        let dev = Default::default();
+        let scheme = QuantScheme::default()
+            .with_value(QuantValue::Q8S)
+            .with_store(QuantStore::Native)
+            .with_level(QuantLevel::Block(BlockSize::new([64])));
+        let w = Tensor::<Flex, 2>::random([96, 128], Distribution::Normal(0.0, 1.0), &dev).quantize_dynamic(&scheme);
+        let ours = cast(w.clone(), DType::F32);
+        ours.into_data().assert_eq(&w.clone().dequantize().into_data(), true);
+        let mut layer = LinearConfig::new(96, 128).init::<Flex>(&dev);
+        layer.weight = burn::module::Param::from_tensor(w.clone());
+        let x = Tensor::<Flex, 2>::random([5, 96], Distribution::Normal(0.0, 1.0), &dev);
+        let want = x.clone().matmul(w.dequantize()) + layer.bias.as_ref().unwrap().val().unsqueeze();
+        linear(&layer, x)
+            .into_data()
+            .assert_approx_eq::<f32>(&want.into_data(), burn::tensor::Tolerance::default());
     }
 
     #[test]

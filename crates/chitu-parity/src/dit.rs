@@ -7,7 +7,7 @@ use chitu_dit::WanTransformer;
 
 /// Runs the case's inputs through the transformer in `model_dir` (relative to the parity root).
 pub fn forward<B: Backend>(case: &Case, model_dir: &str, device: &B::Device) -> Result<HostTensor, ParityError> {
-    let dit = WanTransformer::<B>::from_dir_as(case.root.join(model_dir), device, case.precision)
+    let dit = WanTransformer::<B>::from_dir_as(case.root.join(model_dir), device, case.format())
         .map_err(|e| ParityError::Component(e.into()))?;
     let x = case
         .tensor("hidden_states")?

@@ -17,7 +17,7 @@ pub mod text;
 pub mod vae;
 
 use burn::tensor::backend::Backend;
-pub use chitu_gen::Precision;
+pub use chitu_gen::{Format, Precision, Weights};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::fmt;
@@ -51,6 +51,8 @@ pub struct Case {
     /// The dtype the case's models are loaded in; f32 unless a run asks otherwise. The
     /// references stay f32 whatever it is.
     pub precision: Precision,
+    /// How the DiT's and the text encoder's linear layers are loaded (int8 with `--weights int8`).
+    pub weights: Weights,
 }
 
 /// The rel-L2 bound at reduced precision (bf16 or f16): diffusers itself, run in bf16 on these
@@ -60,6 +62,13 @@ pub const REDUCED_TOLERANCE: f64 = 2e-2;
 /// The bound at reduced precision for a case with a feature cache, where a skip decision may
 /// flip between precisions.
 pub const REDUCED_CACHE_TOLERANCE: f64 = 1e-1;
+
+/// The rel-L2 bound with int8 linear layers (`--weights int8`); see the README's "8-bit
+/// weights" for the measurement it comes from.
+pub const INT8_TOLERANCE: f64 = 5e-2;
+
+/// The int8 bound for a case with a feature cache.
+pub const INT8_CACHE_TOLERANCE: f64 = 1e-1;
 
 impl Case {
     /// Loads `root/cases/name.json` and its tensor file.
@@ -81,7 +90,13 @@ impl Case {
             json,
             tensors,
             precision: Precision::F32,
+            weights: Weights::Float,
         })
+    }
+
+    /// The format the DiT and the text encoder are loaded in.
+    pub fn format(&self) -> Format {
+        Format::new(self.precision, self.weights)
     }
 
     /// The case's `kind`.
@@ -93,7 +108,8 @@ impl Case {
     }
 
     /// The case's `tolerance.rel_l2` at f32; at a reduced precision, [`REDUCED_TOLERANCE`], or
-    /// [`REDUCED_CACHE_TOLERANCE`] for a case with a `cache`.
+    /// [`REDUCED_CACHE_TOLERANCE`] for a case with a `cache`; with int8 linear layers (in a
+    /// case that runs a DiT or a text encoder), [`INT8_TOLERANCE`] or [`INT8_CACHE_TOLERANCE`].
     pub fn tolerance(&self) -> Result<f64, ParityError> {
         let f32_tol = self
             .json
@@ -101,10 +117,17 @@ impl Case {
             .and_then(Value::as_f64)
             .ok_or_else(|| ParityError::Case(format!("case {}: no tolerance.rel_l2", self.name)))?;
         let cached = self.json.get("cache").is_some_and(|c| !c.is_null());
-        Ok(match (self.precision, cached) {
-            (Precision::F32, _) => f32_tol,
-            (_, false) => f32_tol.max(REDUCED_TOLERANCE),
-            (_, true) => f32_tol.max(REDUCED_CACHE_TOLERANCE),
+        // Only the DiT and the text encoder have linear layers to quantize.
+        let int8 = match self.kind()? {
+            "dit_forward" | "text_encode" | "pipeline" => self.weights,
+            _ => Weights::Float,
+        };
+        Ok(match (int8, self.precision, cached) {
+            (Weights::Int8, _, false) => f32_tol.max(INT8_TOLERANCE),
+            (Weights::Int8, _, true) => f32_tol.max(INT8_CACHE_TOLERANCE),
+            (_, Precision::F32, _) => f32_tol,
+            (_, _, false) => f32_tol.max(REDUCED_TOLERANCE),
+            (_, _, true) => f32_tol.max(REDUCED_CACHE_TOLERANCE),
         })
     }
 
@@ -200,13 +223,14 @@ pub fn assert_cases_pass_at_reduced_precision(prefixes: &[&str]) {
 }
 
 /// [`assert_cases_pass`] with the models' weights in `precision`, at its tolerance.
-pub fn assert_cases_pass_as(prefixes: &[&str], precision: Precision) {
+pub fn assert_cases_pass_as(prefixes: &[&str], format: impl Into<Format>) {
+    let format = format.into();
     let prefixes: Vec<String> = prefixes.iter().map(|p| p.to_string()).collect();
     let names = list_cases(&fixtures(), &prefixes).unwrap_or_else(|e| panic!("listing the fixture cases: {e}"));
     let device = Default::default();
     let failed: Vec<String> = names
         .iter()
-        .map(|name| run_case_as::<burn_flex::Flex>(&fixtures(), name, &device, precision))
+        .map(|name| run_case_as::<burn_flex::Flex>(&fixtures(), name, &device, format))
         .filter(|report| !report.passed())
         .map(|report| report.to_string())
         .collect();
@@ -247,10 +271,18 @@ pub fn run_case<B: Backend>(root: &Path, name: &str, device: &B::Device) -> Case
     run_case_as::<B>(root, name, device, Precision::F32)
 }
 
-/// Runs one case on backend `B` with its models' weights in `precision`, against the same f32
-/// references, at the tolerance [`Case::tolerance`] gives that precision.
-pub fn run_case_as<B: Backend>(root: &Path, name: &str, device: &B::Device, precision: Precision) -> CaseReport {
-    let load = |root, name| Case::load(root, name).map(|case| Case { precision, ..case });
+/// Runs one case on backend `B` with its models' weights in `format` (a [`Precision`], or one
+/// with int8 linear layers), against the same f32 references, at the tolerance
+/// [`Case::tolerance`] gives that format.
+pub fn run_case_as<B: Backend>(root: &Path, name: &str, device: &B::Device, format: impl Into<Format>) -> CaseReport {
+    let Format { precision, weights } = format.into();
+    let load = |root, name| {
+        Case::load(root, name).map(|case| Case {
+            precision,
+            weights,
+            ..case
+        })
+    };
     let outcome = match load(root, name).and_then(|case| run_loaded::<B>(&case, device)) {
         Ok(o) => o,
         Err(e) => Outcome::Error(e.to_string()),

@@ -53,6 +53,7 @@ pub fn outputs<B: Backend>(case: &Case, device: &B::Device) -> Result<Vec<(&'sta
     let options = LoadOptions {
         dtype: case.precision,
         vae_dtype: case.precision,
+        weights: case.weights,
         ..LoadOptions::default()
     };
     let backend = DiffusionBackend::<B>::load(case.root.join(model), device, options)

@@ -18,7 +18,7 @@ pub fn encode<B: Backend>(case: &Case, device: &B::Device) -> Result<Vec<(&'stat
         .as_u64()
         .ok_or_else(|| ParityError::Case(format!("case {}: max_sequence_length is not an integer", case.name)))?
         as usize;
-    let text = TextEncoder::<B>::from_pipeline_dir_as(case.root.join(model), device, case.precision)
+    let text = TextEncoder::<B>::from_pipeline_dir_as(case.root.join(model), device, case.format())
         .map_err(|e| ParityError::Component(e.into()))?;
     let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
     let (enc, hidden) = text

@@ -58,6 +58,10 @@ pub(crate) struct Entry {
     /// Absolute offset of the first byte.
     pub at: u64,
     pub bytes: u64,
+    /// Stored as fp8 e4m3fn bytes (`dtype` is then `U8`), read as f32 times `fp8_scale`
+    /// (see `fp8.rs`).
+    pub fp8: bool,
+    pub fp8_scale: f32,
 }
 
 /// The open file and its tensors, with every entry checked to lie inside the file.
@@ -87,8 +91,11 @@ pub(crate) fn header(path: &Path) -> Result<(File, Vec<Entry>), LoadError> {
         }
         let field = |k: &str| info.get(k).ok_or_else(|| bad(format!("tensor {name} has no {k}")));
         let dt_name = field("dtype")?.as_str().unwrap_or_default().to_owned();
-        let (dtype, size) =
-            dtype(&dt_name).ok_or_else(|| bad(format!("tensor {name} has unsupported dtype {dt_name:?}")))?;
+        let fp8 = dt_name == "F8_E4M3";
+        let (dtype, size) = match fp8 {
+            true => (DType::U8, 1),
+            false => dtype(&dt_name).ok_or_else(|| bad(format!("tensor {name} has unsupported dtype {dt_name:?}")))?,
+        };
         let ints = |k: &str| -> Result<Vec<u64>, LoadError> {
             field(k)?
                 .as_array()
@@ -120,6 +127,8 @@ pub(crate) fn header(path: &Path) -> Result<(File, Vec<Entry>), LoadError> {
             shape,
             at: data_start + start,
             bytes,
+            fp8,
+            fp8_scale: 1.0,
         });
     }
     Ok((file, out))
@@ -128,7 +137,8 @@ pub(crate) fn header(path: &Path) -> Result<(File, Vec<Entry>), LoadError> {
 /// One lazy snapshot per tensor of the safetensors file at `path`; reading a snapshot's data
 /// reads that tensor's bytes from the file.
 pub(crate) fn snapshots(path: &Path) -> Result<Vec<TensorSnapshot>, LoadError> {
-    let (file, entries) = header(path)?;
+    let (mut file, entries) = header(path)?;
+    let entries = crate::fp8::resolve(path, &mut file, entries)?;
     Ok(snapshots_of(file, &entries))
 }
 
@@ -136,11 +146,21 @@ pub(crate) fn snapshots(path: &Path) -> Result<Vec<TensorSnapshot>, LoadError> {
 pub(crate) fn snapshots_of(file: File, entries: &[Entry]) -> Vec<TensorSnapshot> {
     let file = Rc::new(RefCell::new(file));
     let mut out = Vec::with_capacity(entries.len());
+    let lut = Rc::new(crate::fp8::table());
     for e in entries {
         let (file, name) = (file.clone(), e.name.clone());
         let (at, bytes, size, dtype, shape) = (e.at, e.bytes as usize, e.size, e.dtype, e.shape.clone());
+        let (fp8, scale, lut) = (e.fp8, e.fp8_scale, lut.clone());
         let read = Rc::new(move || -> Result<TensorData, TensorSnapshotError> {
             let mut f = file.borrow_mut();
+            if fp8 {
+                let mut raw = vec![0u8; bytes];
+                f.seek(SeekFrom::Start(at))
+                    .and_then(|_| f.read_exact(&mut raw))
+                    .map_err(|err| TensorSnapshotError::IoError(format!("reading tensor {name}: {err}")))?;
+                let wide: Vec<f32> = raw.iter().map(|&b| lut[b as usize] * scale).collect();
+                return Ok(TensorData::new(wide, shape.clone()));
+            }
             let data = match size {
                 8 => read_elems::<u64>(&mut f, at, bytes),
                 4 => read_elems::<u32>(&mut f, at, bytes),
@@ -157,7 +177,7 @@ pub(crate) fn snapshots_of(file: File, entries: &[Entry]) -> Vec<TensorSnapshot>
         let path_parts = e.name.split('.').map(str::to_owned).collect();
         out.push(TensorSnapshot::from_closure(
             read,
-            e.dtype,
+            if e.fp8 { DType::F32 } else { e.dtype },
             Shape::from(e.shape.clone()),
             path_parts,
             Vec::new(),

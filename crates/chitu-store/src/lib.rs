@@ -21,10 +21,13 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 mod file;
+mod fp8;
 mod layout;
 mod precision;
+mod quant;
 mod rows;
-pub use precision::{cast_module, Cast, Precision, UnknownPrecision};
+pub use precision::{cast_module, held_bytes, Cast, Format, Precision, UnknownPrecision};
+pub use quant::{block_for, int8_bytes, int8_scheme, quantize_int8, UnknownWeights, Weights, INT8_BLOCK};
 pub use rows::FileRows;
 
 /// Why a checkpoint could not be loaded. Every variant names the file or the keys at fault, so a
@@ -212,7 +215,30 @@ struct CastFloats(Cast);
 
 impl ModuleAdapter for CastFloats {
     fn adapt(&self, snapshot: &TensorSnapshot) -> TensorSnapshot {
-        let target = self.0.dtype_of(&snapshot.full_path(), snapshot.shape.num_dims());
+        let path = snapshot.full_path();
+        let linear = snapshot.container_type() == precision::LINEAR && path.ends_with(".weight");
+        let block = self.0.int8_block(&path, &snapshot.shape).filter(|_| linear);
+        if let (Some(block), true) = (block, is_float(snapshot.dtype)) {
+            let data = snapshot.clone_data_fn();
+            let quantize = move || {
+                let data = data()?;
+                quant::quantize_int8(&data, block).ok_or_else(|| {
+                    burn_store::TensorSnapshotError::DataError(format!(
+                        "cannot quantize a {:?} tensor of shape {:?}",
+                        data.dtype, data.shape
+                    ))
+                })
+            };
+            return TensorSnapshot::from_closure(
+                Rc::new(quantize),
+                DType::QFloat(quant::int8_scheme(block)),
+                snapshot.shape.clone(),
+                snapshot.path_stack.clone().unwrap_or_default(),
+                snapshot.container_stack.clone().unwrap_or_default(),
+                snapshot.tensor_id.unwrap_or_default(),
+            );
+        }
+        let target = self.0.dtype_of(&path, snapshot.shape.num_dims());
         if !is_float(snapshot.dtype) || snapshot.dtype == target {
             return snapshot.clone();
         }

@@ -3,7 +3,7 @@
 use crate::{T5Tokenizer, TextEncoder, TextError, Umt5Config, Umt5Encoder};
 use burn::nn::EmbeddingConfig;
 use burn::tensor::backend::Backend;
-use chitu_store::{load_strict_leaving, read_json, weight_files, Cast, FileRows, Precision};
+use chitu_store::{load_strict_leaving, read_json, weight_files, Cast, FileRows, Format, Precision};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -83,13 +83,13 @@ impl<B: Backend> Umt5Encoder<B> {
     }
 
     /// Loads weights in the given layout, keeping the token table where `table` says and the
-    /// weight matrices in `precision` (a table left in its file is read as f32 rows).
+    /// weight matrices in `format` (a table left in its file is read as f32 rows).
     pub fn load_weights_with(
         mut self,
         files: &[PathBuf],
         layout: TextLayout,
         table: TokenTable,
-        precision: Precision,
+        format: impl Into<Format>,
     ) -> Result<Self, TextError> {
         let label = format!("{layout:?} UMT5");
         let (vocab, d) = (self.config.vocab_size, self.config.d_model);
@@ -106,10 +106,7 @@ impl<B: Backend> Umt5Encoder<B> {
             self.token_embedding = Some(EmbeddingConfig::new(vocab, d).init(&device));
         }
         let left: &[&str] = if rows.is_some() { &[TABLE] } else { &[] };
-        let cast = Cast {
-            precision,
-            keep_f32: KEEP_F32,
-        };
+        let cast = Cast::new(format, KEEP_F32);
         let (mut encoder, _) = load_strict_leaving(self, files, layout.remap_table(), &label, left, cast)?;
         encoder.token_rows = rows.map(Arc::new);
         Ok(encoder)
@@ -121,14 +118,19 @@ impl<B: Backend> Umt5Encoder<B> {
         Self::from_dir_as(dir, device, Precision::F32)
     }
 
-    /// [`Umt5Encoder::from_dir`], holding the weight matrices in `precision`.
-    pub fn from_dir_as(dir: impl AsRef<Path>, device: &B::Device, precision: Precision) -> Result<Self, TextError> {
+    /// [`Umt5Encoder::from_dir`], holding the weight matrices in `format` (a [`Precision`], or
+    /// one with int8 linear layers).
+    pub fn from_dir_as(
+        dir: impl AsRef<Path>,
+        device: &B::Device,
+        format: impl Into<Format>,
+    ) -> Result<Self, TextError> {
         let dir = dir.as_ref();
         let path = dir.join("config.json");
         let json = read_json(&path)?;
         let config = Umt5Config::from_json(&json).map_err(|e| TextError::Config(format!("{}: {e}", path.display())))?;
         let files = weight_files(dir, "model")?;
-        Self::new(config, device)?.load_weights_with(&files, TextLayout::Transformers, TokenTable::default(), precision)
+        Self::new(config, device)?.load_weights_with(&files, TextLayout::Transformers, TokenTable::default(), format)
     }
 }
 
@@ -138,15 +140,15 @@ impl<B: Backend> TextEncoder<B> {
         Self::from_pipeline_dir_as(dir, device, Precision::F32)
     }
 
-    /// [`TextEncoder::from_pipeline_dir`], holding the weight matrices in `precision`.
+    /// [`TextEncoder::from_pipeline_dir`], holding the weight matrices in `format`.
     pub fn from_pipeline_dir_as(
         dir: impl AsRef<Path>,
         device: &B::Device,
-        precision: Precision,
+        format: impl Into<Format>,
     ) -> Result<Self, TextError> {
         let dir = dir.as_ref();
         let tokenizer = T5Tokenizer::from_file(dir.join("tokenizer/tokenizer.json"))?;
-        let encoder = Umt5Encoder::from_dir_as(dir.join("text_encoder"), device, precision)?;
+        let encoder = Umt5Encoder::from_dir_as(dir.join("text_encoder"), device, format)?;
         Ok(Self::new(tokenizer, encoder, device.clone()))
     }
 
@@ -161,13 +163,13 @@ impl<B: Backend> TextEncoder<B> {
         Self::from_wan_files_as(checkpoint, tokenizer, config, device, Precision::F32)
     }
 
-    /// [`TextEncoder::from_wan_files`], holding the weight matrices in `precision`.
+    /// [`TextEncoder::from_wan_files`], holding the weight matrices in `format`.
     pub fn from_wan_files_as(
         checkpoint: impl AsRef<Path>,
         tokenizer: impl AsRef<Path>,
         config: Umt5Config,
         device: &B::Device,
-        precision: Precision,
+        format: impl Into<Format>,
     ) -> Result<Self, TextError> {
         let tokenizer = T5Tokenizer::from_file(tokenizer)?;
         let files = [checkpoint.as_ref().to_owned()];
@@ -175,7 +177,7 @@ impl<B: Backend> TextEncoder<B> {
             &files,
             TextLayout::Wan,
             TokenTable::default(),
-            precision,
+            format,
         )?;
         Ok(Self::new(tokenizer, encoder, device.clone()))
     }

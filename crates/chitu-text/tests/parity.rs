@@ -7,3 +7,10 @@ fn text_encoder_cases_match_the_references() {
     chitu_parity::assert_cases_pass(&["text_"]);
     chitu_parity::assert_cases_pass_at_reduced_precision(&["text_"]);
 }
+
+/// The same references with the linear layers in int8, at the int8 tolerance.
+#[test]
+fn cases_hold_with_int8_weights() {
+    use chitu_parity::{Format, Precision, Weights};
+    chitu_parity::assert_cases_pass_as(&["text_"], Format::new(Precision::Bf16, Weights::Int8));
+}

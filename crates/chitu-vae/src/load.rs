@@ -91,10 +91,7 @@ impl<B: Backend> WanVae<B> {
     /// Loads weights in the given layout, holding the conv kernels in `precision`.
     pub fn load_weights_as(self, files: &[PathBuf], layout: VaeLayout, precision: Precision) -> Result<Self, VaeError> {
         let table = layout.remap_table(&self.config);
-        let cast = Cast {
-            precision,
-            keep_f32: KEEP_F32,
-        };
+        let cast = Cast::new(precision, KEEP_F32);
         load_strict_as(self, files, &table, &format!("{layout:?} VAE"), cast)
             .map(|(m, _)| m)
             .map_err(VaeError::from)
