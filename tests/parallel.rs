@@ -35,6 +35,8 @@ enum Model {
     Dir(PathBuf),
     /// The embedded tiny model, whose weights come from a seeded RNG.
     Embedded,
+    /// A fixture folder with the linear layers in int8 (`--weights int8`).
+    Int8(PathBuf),
 }
 
 impl Model {
@@ -42,6 +44,13 @@ impl Model {
         match self {
             Model::Dir(dir) => DiffusionBackend::<B>::from_dir(dir, &default_device()),
             Model::Embedded => DiffusionBackend::<B>::embedded_tiny(&default_device()),
+            Model::Int8(dir) => {
+                let options = chitu::pipeline::LoadOptions {
+                    weights: chitu::pipeline::Weights::Int8,
+                    ..Default::default()
+                };
+                DiffusionBackend::<B>::load(dir, &default_device(), options)
+            }
         }
     }
 }
@@ -105,6 +114,19 @@ fn check_every_layout(model: &Model, params: &DiffusionUserParams, init: &[f32],
 fn parity_model_pipeline_matches_one_device_on_every_layout() {
     let (model, params, init, shape) = case_input("pipeline_t2v_wan21");
     check_every_layout(&model, &params, &init, shape);
+}
+
+/// int8 weights compose with CFG and context parallelism: each rank quantizes the same files the
+/// same way, and the split run gives the one-device int8 run's latents.
+#[test]
+fn int8_weights_under_cfg_and_context_parallelism_match_one_device() {
+    let (model, params, init, shape) = case_input("pipeline_t2v_wan21");
+    let Model::Dir(dir) = model else { unreachable!("a fixture folder") };
+    let model = Model::Int8(dir);
+    let single = final_latents(&model, &params, &init, shape, Layout::SINGLE);
+    let par = final_latents(&model, &params, &init, shape, Layout::new(2, 2).unwrap());
+    let err = rel_l2(&par, &single);
+    assert!(err <= TOL, "int8 under cfg 2 x cp 2: rel_l2 {err:e} against one device");
 }
 
 /// Every rank builds the embedded model from the same seed: all get the same weights, so a
