@@ -121,7 +121,9 @@ fn parity_model_pipeline_matches_one_device_on_every_layout() {
 #[test]
 fn int8_weights_under_cfg_and_context_parallelism_match_one_device() {
     let (model, params, init, shape) = case_input("pipeline_t2v_wan21");
-    let Model::Dir(dir) = model else { unreachable!("a fixture folder") };
+    let Model::Dir(dir) = model else {
+        unreachable!("a fixture folder")
+    };
     let model = Model::Int8(dir);
     let single = final_latents(&model, &params, &init, shape, Layout::SINGLE);
     let par = final_latents(&model, &params, &init, shape, Layout::new(2, 2).unwrap());
