@@ -5,6 +5,7 @@
 #   bash bench/run.sh                 # all workloads, all cores, 3 runs each after a warm-up (30 for the pipeline)
 #   THREADS=2 RUNS=5 WORKLOADS="dit umt5" bash bench/run.sh
 #   FULLSIZE_DIR=/data/wan-full WORKLOADS=fullsize THREADS=2 bash bench/run.sh
+#   WORKLOADS=lora bash bench/run.sh  # LoRA merge cost, few-step vs base (FULLSIZE_DIR adds full size)
 #
 # `fullsize` is the memory benchmark: one request (240x416, 9 frames, 2 steps, CFG) on a full-size
 # random Wan2.1-T2V-1.3B folder that ../shared/tools/make_fullsize.py wrote to FULLSIZE_DIR (about
@@ -31,7 +32,12 @@ if ! "$PY" -c "import torch, diffusers, transformers, accelerate" 2>/dev/null; t
     "$BENCH_VENV/bin/pip" install --quiet --upgrade pip
     "$BENCH_VENV/bin/pip" install --quiet torch diffusers transformers accelerate sentencepiece safetensors numpy
 fi
-if [ "$WORKLOADS" != fullsize ] && [ ! -f "$BENCH_WORK/.done" ]; then
+# Only the PyTorch comparisons need the random models and inputs.
+needs_work=no
+for w in $WORKLOADS; do
+    case $w in dit | vae | umt5 | pipeline) needs_work=yes ;; esac
+done
+if [ "$needs_work" = yes ] && [ ! -f "$BENCH_WORK/.done" ]; then
     echo "writing random-weight models and inputs to $BENCH_WORK" >&2
     mkdir -p "$BENCH_WORK"
     "$PY" bench/torch_side.py make "$BENCH_WORK"
@@ -41,6 +47,22 @@ cargo build --release --example bench_compare >&2
 
 LINES=$(mktemp)
 for w in $WORKLOADS; do
+    if [ "$w" = lora ]; then
+        # LoRA merge time and memory, and 4 unguided steps against 50 with CFG: on the embedded
+        # default, then (with FULLSIZE_DIR) on the full-size folder with a random rank-64 LoRA
+        # (LORA_BASE_STEPS base steps there, 0 by default: 50 with CFG take most of an hour).
+        cargo build --release --example bench_lora >&2
+        mkdir -p bench/results
+        RAYON_NUM_THREADS=$THREADS target/release/examples/bench_lora | tee bench/results/lora.md
+        if [ -n "${FULLSIZE_DIR:-}" ]; then
+            LORA=$(mktemp -d)/lora_r64.safetensors
+            "$PY" bench/make_lora.py "$FULLSIZE_DIR/transformer" "$LORA" >&2
+            RAYON_NUM_THREADS=$THREADS target/release/examples/bench_lora "$FULLSIZE_DIR" "$LORA" 240 416 9 \
+                "${LORA_BASE_STEPS:-0}" | tee -a bench/results/lora.md
+            rm -f "$LORA"
+        fi
+        continue
+    fi
     if [ "$w" = fullsize ]; then
         : "${FULLSIZE_DIR:?set FULLSIZE_DIR to a make_fullsize.py folder}"
         cargo build --release --example bench_fullsize >&2

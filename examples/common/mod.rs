@@ -15,8 +15,18 @@ struct Args {
 
 /// Loads `--model-dir`, generates with `default_params` as the model's defaults, and writes the
 /// MP4, the contact sheet and the sidecar under `--out`.
+#[allow(dead_code)] // each example compiles this module and uses one of the two
 pub fn run(default_params: impl Fn(String) -> DiffusionUserParams) -> Result<(), Box<dyn std::error::Error>> {
+    run_checked(default_params, |_| Ok(()))
+}
+
+/// [`run`], refusing arguments `check` refuses before anything loads.
+pub fn run_checked(
+    default_params: impl Fn(String) -> DiffusionUserParams,
+    check: impl Fn(&JobArgs) -> Result<(), String>,
+) -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse().job;
+    check(&args)?;
     let Some(dir) = &args.model.model_dir else {
         return Err("usage: --model-dir DIR --prompt TEXT [--steps N] [--low-mem auto|0-3] ...".into());
     };
@@ -37,6 +47,8 @@ pub fn run(default_params: impl Fn(String) -> DiffusionUserParams) -> Result<(),
     }
     let options = LoadOptions {
         release_after_use: true,
+        loras: args.model.loras.clone(),
+        lora_partial: args.model.lora_partial,
         ..plan.as_ref().map_or_else(|| args.model.options(), |p| p.options())
     };
     let retry = args.model.oom_retry || args.model.low_mem == LowMem::Auto;
@@ -45,6 +57,11 @@ pub fn run(default_params: impl Fn(String) -> DiffusionUserParams) -> Result<(),
     if let Some(plan) = &plan {
         eprint!("{}", plan.table(Some(task.stage_peaks())));
     }
+    eprintln!(
+        "{} DiT evaluations; denoise {:.2}s",
+        task.dit_calls(),
+        task.timings().denoise
+    );
     let video = Video::from_task(task, &generator.backend)?;
     let mut files = args.output.write(&video, &video.stem())?;
     let json = args.output.out.join(format!("{}.json", video.stem()));

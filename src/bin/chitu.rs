@@ -188,6 +188,9 @@ fn load(
         eprint!("{}", plan.table(None));
     }
     let (backend, defaults) = model.load::<B>(&device, one_request, plan.as_ref())?;
+    if output_rank {
+        report_loras(&backend.lora_report());
+    }
     let bar = match output_rank {
         true => ProgressBar::new(0),
         false => ProgressBar::hidden(),
@@ -207,6 +210,43 @@ fn load(
         None => generator,
     };
     Ok((generator, defaults, bar, plan))
+}
+
+/// What each LoRA went into, and what a partial load skipped.
+fn report_loras(report: &chitu::pipeline::LoraReport) {
+    for a in &report.applied {
+        eprintln!(
+            "LoRA {} (strength {}) into the {}: {} tensors from {} keys",
+            a.spec.path.display(),
+            a.spec.strength,
+            a.model,
+            a.tensors,
+            a.keys
+        );
+        for line in &a.skipped {
+            eprintln!("  skipped {line}");
+        }
+        if !a.ignored.is_empty() {
+            eprintln!(
+                "  ignored {} norm-layer diff key(s), as diffusers does",
+                a.ignored.len()
+            );
+        }
+    }
+    if report.merged_now > 0 {
+        eprintln!(
+            "merged into {} DiT(s) in {:.2}s; {:.1} MB of deltas, {:.1} MB of base weights kept",
+            report.merged_now,
+            report.merge_seconds,
+            report.delta_bytes as f64 / 1e6,
+            report.base_bytes as f64 / 1e6
+        );
+    } else if !report.applied.is_empty() {
+        eprintln!(
+            "the LoRAs merge as each DiT is read for denoising; {:.1} MB of deltas",
+            report.delta_bytes as f64 / 1e6
+        );
+    }
 }
 
 /// Runs the request step by step under a progress bar, then the cache check when asked.
@@ -257,9 +297,10 @@ fn generate(
 
 /// The resolved request, printed before it starts.
 fn describe(p: &DiffusionUserParams, generator: &Generator<B>) -> String {
-    let solver = match p.solver {
-        Some(s) => format!("{s:?}"),
-        None => "the model's own scheduler".into(),
+    let solver = match (&p.step_list, p.solver) {
+        (Some(list), _) => format!("Euler at the listed {}", list.name()),
+        (None, Some(s)) => format!("{s:?}"),
+        (None, None) => "the model's own scheduler".into(),
     };
     let pixels = p.height * p.width * p.num_frames * 3;
     let estimate = generator
@@ -293,8 +334,11 @@ fn write(
 ) -> Result<(), AnyError> {
     let t = task.timings();
     eprintln!(
-        "text {:.2}s, denoise {:.2}s, vae decode {:.2}s",
-        t.text_encode, t.denoise, t.vae_decode
+        "text {:.2}s, denoise {:.2}s ({} DiT evaluations), vae decode {:.2}s",
+        t.text_encode,
+        t.denoise,
+        task.dit_calls(),
+        t.vae_decode
     );
     if let Some(stats) = task.cache_stats() {
         eprintln!(
@@ -307,6 +351,10 @@ fn write(
     }
     if let Some(check) = &check {
         eprintln!("{check}");
+    }
+    let merge_s = generator.backend.lora_merge_seconds();
+    if merge_s > 0.0 {
+        eprintln!("LoRA merge, as the DiT was read for denoising: {merge_s:.2}s (in the denoise time)");
     }
     let video = Video::from_task(task, &generator.backend)?;
     let stem = match line {

@@ -92,7 +92,8 @@ impl ModelArgs {
             source,
             release_after_use: one_request,
         };
-        let sizes = |format| ModelSizes::of_folder::<B>(dir, format, self.vae_dtype, device);
+        let sizes =
+            |format| ModelSizes::of_folder::<B>(dir, format, self.vae_dtype, device).map(|s| s.with_loras(&self.loras));
         let mut chosen: Option<MemoryPlan> = None;
         for params in requests {
             let plan = plan_memory(sizes, params, limits)?;

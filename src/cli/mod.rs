@@ -7,10 +7,12 @@ mod prompts;
 pub use memory::LowMem;
 pub use prompts::Request;
 
-use crate::pipeline::{DiffusionBackend, DiffusionUserParams, GenError, LoadOptions, Precision, Video, Weights};
+use crate::pipeline::{
+    DiffusionBackend, DiffusionUserParams, GenError, LoadOptions, LoraSpec, Precision, Video, Weights,
+};
 use burn::tensor::backend::Backend;
 use chitu_cache::CacheConfig;
-use chitu_sched::SolverKind;
+use chitu_sched::{SolverKind, StepList};
 use std::path::PathBuf;
 
 /// Errors of turning arguments into a request, or of writing the outputs.
@@ -91,6 +93,20 @@ pub struct ModelArgs {
     /// to `--low-mem auto`'s plan when not given; `float` otherwise.
     #[arg(long)]
     pub weights: Option<Weights>,
+    /// A LoRA to merge into the DiT: `PATH[:STRENGTH[:EXPERT]]`, strength 1 and expert `both`
+    /// by default; on Wan2.2-A14B `high` is `transformer/` and `low` is `transformer_2/`.
+    /// Repeat it for several, applied in order. Wan/ComfyUI, diffusers/PEFT and musubi-tuner
+    /// keys are read.
+    #[arg(long = "lora", value_name = "PATH[:STRENGTH[:EXPERT]]", value_parser = parse_lora)]
+    pub loras: Vec<LoraSpec>,
+    /// Apply the keys of each LoRA that fit the model and print those skipped, instead of
+    /// refusing a LoRA with any key that does not fit.
+    #[arg(long, requires = "loras")]
+    pub lora_partial: bool,
+}
+
+fn parse_lora(s: &str) -> Result<LoraSpec, String> {
+    s.parse()
 }
 
 /// `--vae-dtype`, refusing an 8-bit request by name: the VAE's convolutions have no 8-bit path.
@@ -112,6 +128,8 @@ impl ModelArgs {
             vae_dtype: self.vae_dtype,
             weights: self.weights.unwrap_or_default(),
             release_after_use: false,
+            loras: self.loras.clone(),
+            lora_partial: self.lora_partial,
         }
     }
 
@@ -135,15 +153,19 @@ impl ModelArgs {
     ) -> Result<(DiffusionBackend<B>, DiffusionUserParams), GenError> {
         let options = LoadOptions {
             release_after_use: one_request,
+            loras: self.loras.clone(),
+            lora_partial: self.lora_partial,
             ..plan.map_or_else(|| self.options(), |p| p.options())
         };
-        match &self.model_dir {
-            Some(dir) => Ok((DiffusionBackend::load(dir, device, options)?, self.defaults())),
-            None => Ok((
-                DiffusionBackend::embedded_tiny_as(device, self.options().format())?,
-                self.defaults(),
-            )),
-        }
+        let backend = match &self.model_dir {
+            Some(dir) => DiffusionBackend::load(dir, device, options)?,
+            None => {
+                let backend = DiffusionBackend::embedded_tiny_as(device, self.options().format())?;
+                backend.apply_lora(&self.loras, self.lora_partial)?;
+                backend
+            }
+        };
+        Ok((backend, self.defaults()))
     }
 }
 
@@ -193,6 +215,15 @@ pub struct RequestArgs {
     /// Denoise steps.
     #[arg(long)]
     pub steps: Option<usize>,
+    /// The steps as training timesteps, as LightX2V's `denoising_step_list` for its 4-step
+    /// LoRAs: `1000,750,500,250`. Each is shifted by the flow shift (`--shift 5` for those
+    /// LoRAs) and the run steps with Euler; `--steps` defaults to the list's length.
+    #[arg(long, value_delimiter = ',', num_args = 1.., conflicts_with = "sigmas")]
+    pub timesteps: Option<Vec<f64>>,
+    /// The steps as noise levels in (0, 1], descending, used as given (no shift), stepped with
+    /// Euler; `--steps` defaults to the list's length.
+    #[arg(long, value_delimiter = ',', num_args = 1..)]
+    pub sigmas: Option<Vec<f64>>,
     /// Height in pixels, a multiple of 16.
     #[arg(long)]
     pub height: Option<usize>,
@@ -243,6 +274,15 @@ impl RequestArgs {
             }
             None => None,
         };
+        let step_list = match (&self.timesteps, &self.sigmas) {
+            (Some(t), _) => Some(StepList::Timesteps(t.clone())),
+            (None, Some(s)) => Some(StepList::Sigmas(s.clone())),
+            (None, None) => base.step_list.clone(),
+        };
+        let steps = self
+            .steps
+            .or(step_list.as_ref().map(StepList::len))
+            .unwrap_or(base.num_inference_steps);
         Ok(DiffusionUserParams {
             prompt: self.prompt.clone().unwrap_or_default(),
             negative_prompt: self.negative_prompt.clone(),
@@ -250,11 +290,12 @@ impl RequestArgs {
             height: self.height.unwrap_or(base.height),
             width: self.width.unwrap_or(base.width),
             num_frames: self.frames.unwrap_or(base.num_frames),
-            num_inference_steps: self.steps.unwrap_or(base.num_inference_steps),
+            num_inference_steps: steps,
             guidance_scale: self.guidance.unwrap_or(base.guidance_scale),
             guidance_scale_2: self.guidance_2.or(base.guidance_scale_2),
             solver: self.solver.map(SolverKind::from),
             shift: self.shift.or(base.shift),
+            step_list,
             max_sequence_length: self.max_sequence_length.unwrap_or(base.max_sequence_length),
             low_mem,
             cache,

@@ -87,6 +87,11 @@ impl RequestArgs {
                     .ok_or_else(|| bad("a whole number"))
             };
             let number = || v.as_f64().ok_or_else(|| bad("a number"));
+            let numbers = || {
+                v.as_array()
+                    .and_then(|a| a.iter().map(Value::as_f64).collect::<Option<Vec<f64>>>())
+                    .ok_or_else(|| bad("a list of numbers"))
+            };
             match key.as_str() {
                 "prompt" => r.prompt = Some(text()?),
                 "negative_prompt" => r.negative_prompt = text()?,
@@ -102,6 +107,9 @@ impl RequestArgs {
                     r.solver = Some(SolverArg::from_str(&name, true).map_err(|_| bad("unipc, dpm++ or euler"))?);
                 }
                 "shift" => r.shift = Some(number()?),
+                // One list per line: a line's own replaces the command line's, of either kind.
+                "timesteps" => (r.timesteps, r.sigmas) = (Some(numbers()?), None),
+                "sigmas" => (r.sigmas, r.timesteps) = (Some(numbers()?), None),
                 "max_sequence_length" => r.max_sequence_length = Some(count()?),
                 "cache" => r.cache = Some(if v.is_object() { v.to_string() } else { text()? }),
                 "cache_threshold" => r.cache_threshold = Some(number()?),

@@ -7,7 +7,8 @@
 
 use crate::{DitError, WanDitConfig, WanTransformer};
 use burn::tensor::backend::Backend;
-use chitu_store::{load_strict_as, weight_files, Cast, Format, LoadReport, Precision};
+use chitu_store::{load_strict_as, reload_tensors_as, weight_files, Cast, Format, LoadReport, Precision};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 /// Which naming scheme a checkpoint uses.
@@ -116,6 +117,30 @@ impl<B: Backend> WanTransformer<B> {
             layout.remap_table(),
             &format!("{layout:?}"),
             cast,
+        )?)
+    }
+
+    /// Reads the tensors at module paths `only` again from the transformer folder `dir`, held in
+    /// `format` as [`WanTransformer::from_dir_as`] holds them: the base weights back, bit for bit,
+    /// after a merge (a LoRA) changed them.
+    pub fn reload_tensors(
+        self,
+        dir: impl AsRef<Path>,
+        format: impl Into<Format>,
+        only: &BTreeSet<String>,
+    ) -> Result<Self, DitError> {
+        let dir = dir.as_ref();
+        let (_, json) = WanDitConfig::read(&dir.join("config.json"))?;
+        let layout = CheckpointLayout::of_config(&json);
+        let files = weight_files(dir, "diffusion_pytorch_model")?;
+        let cast = Cast::new(format, KEEP_F32);
+        Ok(reload_tensors_as(
+            self,
+            &files,
+            layout.remap_table(),
+            &format!("{layout:?}"),
+            cast,
+            only,
         )?)
     }
 }

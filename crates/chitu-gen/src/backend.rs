@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// How to load a model folder.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct LoadOptions {
     /// The memory level the backend keeps at least (see [`MemoryLevel`]); from 2 the text
     /// encoder, and from 3 each DiT, is parked in host memory as soon as it loads, so the device
@@ -35,6 +35,11 @@ pub struct LoadOptions {
     /// the largest stage instead of the sum of the models. A later request reloads them from
     /// their files.
     pub release_after_use: bool,
+    /// LoRAs merged into the DiTs once they load ([`DiffusionBackend::apply_lora`]).
+    pub loras: Vec<crate::LoraSpec>,
+    /// Apply what fits of each LoRA and skip (and report) the keys that do not, instead of
+    /// refusing the LoRA.
+    pub lora_partial: bool,
 }
 
 impl LoadOptions {
@@ -131,6 +136,8 @@ pub struct DiffusionBackend<B: Backend> {
     pub weights: Weights,
     /// Whether each model is released when its stage ends ([`LoadOptions::release_after_use`]).
     pub release_after_use: bool,
+    /// The LoRAs merged into the pool's DiTs.
+    pub(crate) lora: crate::lora::LoraStack<B>,
 }
 
 /// Wan's text length, for tokenizers that do not state theirs.
@@ -218,7 +225,8 @@ impl<B: Backend> DiffusionBackend<B> {
         let text = Offloaded::loaded("text encoder", text, device, memory.parks_text(), text_reload)?;
         let scheduler =
             SchedulerSpec::from_json(&chitu_store::read_json(&dir.join("scheduler/scheduler_config.json"))?)?;
-        Ok(Self {
+        let lora = crate::lora::LoraStack::new(names.iter().map(|n| Some(dir.join(n))).collect());
+        let backend = Self {
             text,
             model_pool,
             boundary_ratio,
@@ -231,7 +239,10 @@ impl<B: Backend> DiffusionBackend<B> {
             dtype,
             weights: options.weights,
             release_after_use: options.release_after_use,
-        })
+            lora,
+        };
+        backend.apply_lora(&options.loras, options.lora_partial)?;
+        Ok(backend)
     }
 
     /// Loads a Wan release folder with the shapes and sampler settings of `config`.
@@ -301,7 +312,8 @@ impl<B: Backend> DiffusionBackend<B> {
         };
         let text = text_reload(device)?;
         let text = Offloaded::loaded("text encoder", text, device, memory.parks_text(), text_reload)?;
-        Ok(Self {
+        let lora = crate::lora::LoraStack::new(experts.into_iter().map(Some).collect());
+        let backend = Self {
             text,
             model_pool,
             boundary_ratio: config.boundary_ratio,
@@ -314,7 +326,10 @@ impl<B: Backend> DiffusionBackend<B> {
             dtype,
             weights: options.weights,
             release_after_use: options.release_after_use,
-        })
+            lora,
+        };
+        backend.apply_lora(&options.loras, options.lora_partial)?;
+        Ok(backend)
     }
 
     /// The embedded tiny Wan2.1-shaped model: 2-layer UMT5 (d 32), 2-block DiT (dim 48),
@@ -387,6 +402,7 @@ impl<B: Backend> DiffusionBackend<B> {
             dtype: format.precision,
             weights: format.weights,
             release_after_use: false,
+            lora: crate::lora::LoraStack::new(vec![None]),
         })
     }
 

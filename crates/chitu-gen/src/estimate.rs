@@ -103,6 +103,8 @@ pub struct ModelSizes {
     /// Whether the linear layers are held narrower than f32, so that each widens its weight into
     /// a buffer per thread as it runs.
     pub narrow: bool,
+    /// Bytes held through every stage besides the models: the merged LoRAs' deltas.
+    pub lora_bytes: u64,
 }
 
 /// One stage's estimate.
@@ -176,7 +178,7 @@ pub fn estimate_stages(
     let resident_dits = if dits_away { 0 } else { dit_sum };
     let denoise_dits = if memory.parks_dits() { dit_max } else { dit_sum };
     let stage = |stage, weights: u64, working: u64| {
-        let weights = weights + vae_w;
+        let weights = weights + vae_w + sizes.lora_bytes;
         let bytes = weights + working;
         StageEstimate {
             stage,
@@ -220,6 +222,7 @@ impl<B: Backend> DiffusionBackend<B> {
             vae_base_dim: self.vae.config.base_dim,
             vae_z_dim: self.vae.config.z_dim,
             narrow: self.dtype != chitu_store::Precision::F32 || self.weights != chitu_store::Weights::Float,
+            lora_bytes: self.lora_report().delta_bytes,
         }
     }
 

@@ -25,6 +25,7 @@ mod check;
 mod encode;
 pub mod estimate;
 mod host_weights;
+mod lora;
 mod memory_plan;
 mod native;
 mod offload;
@@ -39,12 +40,14 @@ pub mod video;
 
 pub use backend::{DiffusionBackend, LoadOptions, MemoryLevel, TINY_WEIGHT_SEED};
 pub use check::CacheCheck;
+pub use chitu_sched::StepList;
 pub use chitu_store::{Format, Precision, Weights};
 pub use estimate::{estimate_stages, EstimatedStage, MemoryEstimate, ModelSizes, StageEstimate};
 pub use host_weights::HostWeights;
+pub use lora::{Expert, LoraApplied, LoraReport, LoraSpec};
 pub use memory_plan::{plan_memory, BudgetSource, MemoryPlan, PlanLimits};
 pub use native::{is_wan_native, WanNativeConfig};
-pub use offload::{Offload, OffloadError, Offloaded, Reload};
+pub use offload::{Offload, OffloadError, Offloaded, Patch, Reload};
 pub use parallel::UlyssesGroup;
 pub use params::DiffusionUserParams;
 pub use pipeline::{seeded_noise, video_to_frames, Generator};
@@ -80,6 +83,9 @@ pub enum GenError {
     /// Loading the transformer failed.
     #[error("transformer: {0}")]
     Dit(#[from] chitu_dit::DitError),
+    /// A LoRA could not be read, or does not fit the model (the keys are listed).
+    #[error(transparent)]
+    Lora(#[from] chitu_dit::LoraError),
     /// A denoise step's transformer call failed.
     #[error("denoise step {step}: {source}")]
     Denoise {

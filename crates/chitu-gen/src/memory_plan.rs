@@ -78,6 +78,7 @@ impl MemoryPlan {
             vae_dtype: self.vae_dtype,
             weights: self.format.weights,
             release_after_use: self.limits.release_after_use,
+            ..LoadOptions::default()
         }
     }
 
@@ -146,7 +147,22 @@ impl ModelSizes {
             vae_base_dim: vae.base_dim,
             vae_z_dim: vae.z_dim,
             narrow: format != Format::F32,
+            lora_bytes: 0,
         })
+    }
+
+    /// These sizes with the LoRA files `loras` held as well: each DiT a LoRA goes into keeps its
+    /// tensors, in the file's dtype, for as long as it is merged.
+    pub fn with_loras(mut self, loras: &[crate::LoraSpec]) -> Self {
+        let experts = self.dit_weights.len() as u64;
+        self.lora_bytes = loras
+            .iter()
+            .filter_map(|l| {
+                let copies = if l.expert == crate::Expert::Both { experts } else { 1 };
+                Some(std::fs::metadata(&l.path).ok()?.len() * copies)
+            })
+            .sum();
+        self
     }
 
     /// The sizes of the models of folder `dir` (diffusers' layout or Wan's own, as

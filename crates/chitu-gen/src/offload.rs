@@ -121,6 +121,10 @@ enum Slot<M> {
 /// Loads a model again from its files, on a device.
 pub type Reload<B, M> = Arc<dyn Fn(&burn::tensor::Device<B>) -> Result<M, GenError> + Send + Sync>;
 
+/// What a model reloaded from its files goes through before use, to be the model it was (the
+/// LoRAs merged into it).
+pub type Patch<M> = Arc<dyn Fn(M) -> M + Send + Sync>;
+
 /// A model on the device, or parked in host memory, or released, until it is next used.
 pub struct Offloaded<B: Backend, M: Offload<B>> {
     name: String,
@@ -128,6 +132,7 @@ pub struct Offloaded<B: Backend, M: Offload<B>> {
     shell: M::Shell,
     device: B::Device,
     reload: Option<Reload<B, M>>,
+    after_reload: Mutex<Option<Patch<M>>>,
     weight_bytes: u64,
 }
 
@@ -141,7 +146,61 @@ impl<B: Backend, M: Offload<B>> Offloaded<B, M> {
             slot: Mutex::new(Slot::Resident(model)),
             device: device.clone(),
             reload: None,
+            after_reload: Mutex::new(None),
         }
+    }
+
+    /// Whether the model can be released and read again from its files.
+    pub fn is_reloadable(&self) -> bool {
+        self.reload.is_some()
+    }
+
+    /// Changes the model where it is: now, when it is resident or parked (brought back for it
+    /// and parked again after), and not at all while it is released, since `after_reload`
+    /// (which replaces the previous one) then makes the change when it is read again. Returns
+    /// whether `f` ran. When `f` fails, a reloadable model is released (its next use reads it
+    /// again from its files, through `after_reload`); any other is lost.
+    pub fn modify(
+        &self,
+        f: impl FnOnce(M) -> Result<M, GenError>,
+        after_reload: Option<Patch<M>>,
+    ) -> Result<bool, GenError> {
+        let mut slot = self.lock();
+        *self.after_reload.lock().unwrap_or_else(|p| p.into_inner()) = after_reload;
+        let unfinished = || Slot::Lost(OffloadError::Lost("a change to the model did not finish".into()));
+        let (model, parked) = match std::mem::replace(&mut *slot, unfinished()) {
+            Slot::Resident(m) => (m, false),
+            Slot::Parked(host) => match M::from_host(&self.shell, host, &self.device) {
+                Ok(m) => (m, true),
+                Err(e) => {
+                    *slot = Slot::Lost(e);
+                    return Err(self.error(OffloadError::Lost("bringing it back to change it".into())));
+                }
+            },
+            Slot::Released => {
+                *slot = Slot::Released;
+                return Ok(false);
+            }
+            Slot::Lost(e) => {
+                let message = format!("changing it: {e}");
+                *slot = Slot::Lost(e);
+                return Err(self.error(OffloadError::Lost(message)));
+            }
+        };
+        let model = match f(model) {
+            Ok(m) => m,
+            Err(e) => {
+                if self.reload.is_some() {
+                    *slot = Slot::Released;
+                }
+                return Err(e);
+            }
+        };
+        *slot = match parked {
+            false => Slot::Resident(model),
+            true => Slot::Parked(model.to_host().map_err(|source| self.error(source))?),
+        };
+        Ok(true)
     }
 
     /// Lets the model be released (dropped) and loaded again by `reload` from its files, which
@@ -259,7 +318,12 @@ impl<B: Backend, M: Offload<B>> Offloaded<B, M> {
                 .unwrap_or_else(|| unreachable!("only a reloadable model is released"));
             tracing::debug!(model = %self.name, "reloading from its files");
             // A failed reload leaves it released: the next use tries again and says why.
-            *slot = Slot::Resident(reload(&self.device)?);
+            let mut model = reload(&self.device)?;
+            let patch = self.after_reload.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            if let Some(patch) = patch {
+                model = patch(model);
+            }
+            *slot = Slot::Resident(model);
         }
         if matches!(*slot, Slot::Parked(_)) {
             // Marked lost during the move, so that a panic half-way (the device out of memory)

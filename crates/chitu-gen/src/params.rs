@@ -2,7 +2,7 @@
 
 use crate::GenError;
 use chitu_cache::CacheConfig;
-use chitu_sched::SolverKind;
+use chitu_sched::{SolverKind, StepList};
 
 /// The most values (height x width x frames x 3) a request may ask for: a 16k x 16k video of
 /// 1001 frames. Far beyond every Wan model; the model's own limits are checked at run time
@@ -34,6 +34,10 @@ pub struct DiffusionUserParams {
     pub solver: Option<SolverKind>,
     /// The flow shift; the model folder's when unset.
     pub shift: Option<f64>,
+    /// The steps as an explicit list (LightX2V's `denoising_step_list`, or noise levels), stepped
+    /// with Euler, as few-step distilled models expect; `num_inference_steps` must equal its
+    /// length. The folder's scheduler spaces `num_inference_steps` steps when unset.
+    pub step_list: Option<StepList>,
     /// Text tokens the prompt is padded or cut to (diffusers' `max_sequence_length`).
     pub max_sequence_length: usize,
     /// Memory saving, as [`crate::MemoryLevel`]: 0 off; 1 tiled VAE decode; 2 also parks the
@@ -60,6 +64,7 @@ impl Default for DiffusionUserParams {
             guidance_scale_2: None,
             solver: None,
             shift: None,
+            step_list: None,
             max_sequence_length: 512,
             low_mem: 0,
             cache: None,
@@ -114,6 +119,19 @@ impl DiffusionUserParams {
         if let Some(s) = self.shift {
             if !s.is_finite() || s <= 0.0 {
                 return bad(format!("shift {s} must be finite and positive"));
+            }
+        }
+        if let Some(list) = &self.step_list {
+            // Wan's models all train on 1000 timesteps.
+            list.sigmas(self.shift.unwrap_or(5.0), 1000)
+                .map_err(|e| GenError::Params(e.to_string()))?;
+            if list.len() != self.num_inference_steps {
+                return bad(format!(
+                    "{} lists {} steps but num_inference_steps is {}",
+                    list.name(),
+                    list.len(),
+                    self.num_inference_steps
+                ));
             }
         }
         if self.low_mem > 3 {

@@ -15,7 +15,7 @@ use burn::tensor::{backend::Backend, ElementConversion, Tensor, TensorData};
 use chitu_cache::{Branch, DitCall, DitInput};
 use chitu_dist::Mesh;
 use chitu_dit::{DitRunner, WanTransformer};
-use chitu_sched::Scheduler;
+use chitu_sched::{FlowMatchEulerConfig, FlowMatchEulerScheduler, Scheduler, SolverKind};
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 use std::path::Path;
@@ -296,11 +296,13 @@ impl<B: Backend> Generator<B> {
             expert,
         };
         let latents = &d.latents;
+        let mut calls = 0;
         let velocity = self.backend.dit(expert)?.with(|model| {
             let runner = self.runner(model);
             // The conditional and unconditional predictions (one of them per rank under CFG
             // parallelism), each through the request's cache policy when it has one.
             let mut predict = |ctx: &Tensor<B, 3>, branch| {
+                calls += 1;
                 let ctx = ctx.clone();
                 match cache {
                     Some(policy) => policy.forward(&runner, call(branch), DitInput::new(latents.clone(), t, ctx)),
@@ -327,6 +329,7 @@ impl<B: Backend> Generator<B> {
                 (None, None, _) => Err(GenError::Task("has no prompt embeddings")),
             }
         })??;
+        task.dit_calls += calls;
         let next = d.scheduler.step(velocity, t, d.latents.clone())?;
         if self.check_nan_enabled {
             self.check_nan(&next, &format!("latents after denoise step {} (t={t})", d.step))?;
@@ -433,7 +436,27 @@ impl<B: Backend> Generator<B> {
 
     /// The task's scheduler: the folder's, or the requested solver, with the requested shift.
     pub(crate) fn scheduler(&self, params: &DiffusionUserParams) -> Result<Box<dyn Scheduler<B>>, GenError> {
-        let mut scheduler = self.backend.scheduler.build::<B, 5>(params.solver, params.shift)?;
+        let spec = &self.backend.scheduler;
+        if let Some(list) = &params.step_list {
+            // An explicit list is stepped as LightX2V steps its distilled models: Euler.
+            if params.solver.is_some_and(|s| s != SolverKind::Euler) {
+                return Err(GenError::Params(format!(
+                    "an explicit {} list is stepped with the euler solver; {:?} cannot take one",
+                    list.name(),
+                    params.solver
+                )));
+            }
+            let shift = params.shift.unwrap_or(spec.shift());
+            let sigmas = list.sigmas(shift, spec.num_train_timesteps())?;
+            let mut euler = FlowMatchEulerScheduler::new(FlowMatchEulerConfig {
+                num_train_timesteps: spec.num_train_timesteps(),
+                shift,
+                ..FlowMatchEulerConfig::default()
+            })?;
+            Scheduler::<B, 5>::set_sigmas(&mut euler, &sigmas)?;
+            return Ok(Box::new(euler));
+        }
+        let mut scheduler = spec.build::<B, 5>(params.solver, params.shift)?;
         scheduler.set_timesteps(params.num_inference_steps)?;
         Ok(scheduler)
     }

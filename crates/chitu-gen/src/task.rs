@@ -77,6 +77,8 @@ pub struct DiffusionTask<B: Backend> {
     pub(crate) peaks: [Option<u64>; 3],
     /// The stages retried after running out of device memory.
     pub(crate) oom_retries: Vec<OomRetry>,
+    /// Transformer evaluations so far (two a step under guidance, one without).
+    pub(crate) dit_calls: usize,
 }
 
 /// A stage that ran out of device memory and was retried at a higher memory level
@@ -111,6 +113,7 @@ impl<B: Backend> DiffusionTask<B> {
             cache,
             peaks: [None; 3],
             oom_retries: Vec::new(),
+            dit_calls: 0,
         })
     }
 
@@ -201,6 +204,12 @@ impl<B: Backend> DiffusionTask<B> {
     /// platform measures it (Linux), for the stages run so far.
     pub fn stage_peaks(&self) -> [Option<u64>; 3] {
         self.peaks
+    }
+
+    /// Transformer evaluations this rank has run so far: two a step under classifier-free
+    /// guidance, one without (guidance 1), whatever a cache then skipped inside them.
+    pub fn dit_calls(&self) -> usize {
+        self.dit_calls
     }
 
     /// The stages retried after running out of device memory.

@@ -118,6 +118,8 @@ pub struct Video {
     weights: chitu_store::Weights,
     stage_peaks: [Option<u64>; 3],
     oom_retries: Vec<crate::OomRetry>,
+    dit_calls: usize,
+    loras: Vec<crate::LoraSpec>,
 }
 
 impl Video {
@@ -128,6 +130,7 @@ impl Video {
     ) -> Result<Self, GenError> {
         let (params, timings) = (task.params().clone(), task.timings());
         let (stage_peaks, oom_retries) = (task.stage_peaks(), task.oom_retries().to_vec());
+        let dit_calls = task.dit_calls();
         let frames = RgbFrames::from_tensor(crate::video_to_frames(task.into_video()?))?;
         Ok(Self {
             frames,
@@ -138,6 +141,14 @@ impl Video {
             weights: backend.weights,
             stage_peaks,
             oom_retries,
+            dit_calls,
+            loras: backend.loras().into_iter().flatten().fold(Vec::new(), |mut all, spec| {
+                // A LoRA into both experts is listed once.
+                if !all.contains(&spec) {
+                    all.push(spec);
+                }
+                all
+            }),
         })
     }
 
@@ -172,6 +183,14 @@ impl Video {
             "denoise": denoise,
             "vae_decode": decode,
         });
+        json["dit_calls"] = self.dit_calls.into();
+        if !self.loras.is_empty() {
+            json["loras"] = serde_json::to_value(&self.loras).unwrap_or_default();
+        }
+        if let Some(list) = &self.params.step_list {
+            let (chitu_sched::StepList::Timesteps(v) | chitu_sched::StepList::Sigmas(v)) = list;
+            json["params"][list.name()] = serde_json::json!(v);
+        }
         if !self.oom_retries.is_empty() {
             json["oom_retries"] = serde_json::to_value(&self.oom_retries).unwrap_or_default();
         }

@@ -3,7 +3,9 @@
 use super::tensors::HostTensor;
 use super::{Case, ParityError};
 use burn::tensor::backend::Backend;
-use chitu_gen::{video_to_frames, DiffusionBackend, DiffusionTask, DiffusionUserParams, Generator, LoadOptions};
+use chitu_gen::{
+    video_to_frames, DiffusionBackend, DiffusionTask, DiffusionUserParams, Expert, Generator, LoadOptions, LoraSpec,
+};
 
 /// The request a `pipeline` case describes: its `params`, and its `cache` when it has one.
 pub fn params(case: &Case) -> Result<DiffusionUserParams, ParityError> {
@@ -40,10 +42,40 @@ pub fn params(case: &Case) -> Result<DiffusionUserParams, ParityError> {
     })
 }
 
+/// The case's `loras` (`{path, strength, expert}`, paths relative to the fixture root).
+pub fn loras(case: &Case) -> Result<Vec<LoraSpec>, ParityError> {
+    let Some(list) = case.json.get("loras") else {
+        return Ok(Vec::new());
+    };
+    let bad = |m: String| ParityError::Case(format!("case {}: loras: {m}", case.name));
+    let list = list.as_array().ok_or_else(|| bad("not a list".into()))?;
+    list.iter()
+        .map(|entry| {
+            let path = entry
+                .get("path")
+                .and_then(|v| v.as_str())
+                .ok_or_else(|| bad(format!("{entry} has no path")))?;
+            let strength = entry.get("strength").map_or(Some(1.0), |v| v.as_f64());
+            let strength = strength.ok_or_else(|| bad(format!("{entry}: strength is not a number")))?;
+            let expert = match entry.get("expert").and_then(|v| v.as_str()) {
+                Some(e) => e.parse().map_err(bad)?,
+                None => Expert::Both,
+            };
+            Ok(LoraSpec {
+                path: case.root.join(path),
+                strength: strength as f32,
+                expert,
+            })
+        })
+        .collect()
+}
+
 /// Runs the case's pipeline; returns the outputs the case's tensor file holds references for.
 ///
 /// A case with a `cache` runs with that policy; when it also holds `uncached_final_latents`, the
-/// same run without the cache is checked against those.
+/// same run without the cache is checked against those. A case with `loras` runs with them
+/// merged; when it also holds `no_lora_final_latents`, the run is repeated after they are taken
+/// out again.
 pub fn outputs<B: Backend>(case: &Case, device: &B::Device) -> Result<Vec<(&'static str, HostTensor)>, ParityError> {
     let model = case
         .field("model")?
@@ -54,6 +86,7 @@ pub fn outputs<B: Backend>(case: &Case, device: &B::Device) -> Result<Vec<(&'sta
         dtype: case.precision,
         vae_dtype: case.precision,
         weights: case.weights,
+        loras: loras(case)?,
         ..LoadOptions::default()
     };
     let backend = DiffusionBackend::<B>::load(case.root.join(model), device, options)
@@ -65,6 +98,15 @@ pub fn outputs<B: Backend>(case: &Case, device: &B::Device) -> Result<Vec<(&'sta
     let (latents, frames) = run_pipeline(case, &generator, params.clone(), want_frames, device)?;
     let mut outs = vec![("final_latents", latents)];
     outs.extend(frames.map(|f| ("frames", f)));
+    if case.tensors.contains_key("no_lora_final_latents") {
+        // The same run with the LoRAs taken out again: unmerging must give the base model back.
+        generator
+            .backend
+            .remove_lora()
+            .map_err(|e| ParityError::Component(e.into()))?;
+        let (latents, _) = run_pipeline(case, &generator, params.clone(), false, device)?;
+        outs.push(("no_lora_final_latents", latents));
+    }
     if params.cache.is_some() && case.tensors.contains_key("uncached_final_latents") {
         let uncached = DiffusionUserParams { cache: None, ..params };
         let (latents, _) = run_pipeline(case, &generator, uncached, false, device)?;

@@ -89,4 +89,17 @@ impl<B: Backend, const D: usize> Scheduler<B, D> for FlowMatchEulerScheduler<B, 
     fn set_begin_index(&mut self, index: usize) -> Result<(), SchedError> {
         self.schedule.set_begin_index(CLASS, index)
     }
+
+    fn set_sigmas(&mut self, sigmas: &[f64]) -> Result<(), SchedError> {
+        Schedule::check_steps(CLASS, sigmas.len())?;
+        let t = self.config.num_train_timesteps as f32;
+        let sigmas32: Vec<f32> = sigmas.iter().map(|&s| s as f32).collect();
+        self.schedule = Schedule {
+            timesteps: sigmas32.iter().map(|&s| (s * t) as f64).collect(),
+            sigmas: sigmas32.iter().map(|&s| s as f64).chain(std::iter::once(0.0)).collect(),
+            step_index: 0,
+            ready: true,
+        };
+        Ok(())
+    }
 }

@@ -29,6 +29,7 @@
 mod config;
 mod dpm;
 mod euler;
+mod explicit;
 mod math;
 mod spec;
 mod unipc;
@@ -39,6 +40,7 @@ use std::path::Path;
 pub use config::{parse_python_json, DpmSolverConfig, FinalSigmas, FlowMatchEulerConfig, UniPcConfig};
 pub use dpm::DpmSolverScheduler;
 pub use euler::FlowMatchEulerScheduler;
+pub use explicit::{step_distill_sigmas, StepList};
 pub use math::{flow_sigmas, numpy_linspace, shift_sigmas, unipc_flow_sigmas};
 pub use spec::{SchedulerConfig, SchedulerSpec};
 pub use unipc::UniPcScheduler;
@@ -137,6 +139,16 @@ pub trait Scheduler<B: Backend, const D: usize = 5>: Send {
     /// Starts the next `step` at position `index` of the schedule (diffusers' `set_begin_index`),
     /// for pipelines that enter a schedule part-way, such as a refinement stage.
     fn set_begin_index(&mut self, index: usize) -> Result<(), SchedError>;
+    /// Takes the schedule as given noise levels, one per step, ending at 0 (a [`StepList`]'s
+    /// sigmas), and resets all solver state. Only first-order Euler takes one: the multistep
+    /// solvers' coefficients assume their own spacing.
+    fn set_sigmas(&mut self, sigmas: &[f64]) -> Result<(), SchedError> {
+        Err(SchedError::Unsupported {
+            class: self.class_name(),
+            option: "an explicit list of steps",
+            value: format!("{} sigmas (use the euler solver)", sigmas.len()),
+        })
+    }
 }
 
 /// Builds a scheduler from a diffusers `scheduler_config.json` file.

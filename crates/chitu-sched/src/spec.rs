@@ -75,6 +75,16 @@ impl SchedulerSpec {
         }
     }
 
+    /// The flow shift a run gets without one of its own: the file's named one, else the
+    /// config's, as [`SchedulerSpec::build`] applies them.
+    pub fn shift(&self) -> f64 {
+        self.named_shift.unwrap_or(match &self.config {
+            SchedulerConfig::UniPc(c) => c.flow_shift,
+            SchedulerConfig::DpmSolver(c) => c.flow_shift,
+            SchedulerConfig::FlowMatchEuler(c) => c.shift,
+        })
+    }
+
     /// Training timesteps (the scale of Wan2.2's expert boundary).
     pub fn num_train_timesteps(&self) -> usize {
         match &self.config {

@@ -20,12 +20,14 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
+mod delta;
 mod file;
 mod fp8;
 mod layout;
 mod precision;
 mod quant;
 mod rows;
+pub use delta::{merge_deltas, param_table, read_tensors, restore_base, BaseWeights, Delta, DeltaSet, ParamInfo, Term};
 pub use precision::{cast_module, held_bytes, Cast, Format, Precision, UnknownPrecision};
 pub use quant::{block_for, int8_bytes, int8_scheme, quantize_int8, UnknownWeights, Weights, INT8_BLOCK};
 pub use rows::FileRows;
@@ -207,6 +209,28 @@ pub(crate) fn is_pickle(path: &Path) -> bool {
 pub(crate) fn remapper(remap: &[(impl AsRef<str>, impl AsRef<str>)]) -> Result<KeyRemapper, LoadError> {
     let pairs: Vec<(&str, &str)> = remap.iter().map(|(a, b)| (a.as_ref(), b.as_ref())).collect();
     KeyRemapper::from_patterns(pairs).map_err(|e| LoadError::Remap(e.to_string()))
+}
+
+/// A remap table compiled once, for renaming keys that do not come from a checkpoint being
+/// loaded (an adapter's keys, say), with the same rules the loader applies.
+pub struct KeyMap(KeyRemapper);
+
+impl KeyMap {
+    /// Compiles `remap` (regex, replacement; applied in order).
+    pub fn new(remap: &[(impl AsRef<str>, impl AsRef<str>)]) -> Result<Self, LoadError> {
+        Ok(Self(remapper(remap)?))
+    }
+
+    /// `key` after every pattern that matches it, in order.
+    pub fn apply(&self, key: &str) -> String {
+        let mut key = key.to_string();
+        for (pattern, replacement) in self.0.to_regex_pairs() {
+            if pattern.is_match(&key) {
+                key = pattern.replace_all(&key, replacement.as_str()).to_string();
+            }
+        }
+        key
+    }
 }
 
 /// Casts float snapshots to the dtype a [`Cast`] gives their module path, as they are read.
@@ -423,6 +447,59 @@ pub fn load_strict_leaving<B: Backend, M: Module<B>>(
         files: files.to_vec(),
     };
     Ok((module, report))
+}
+
+/// Reads the tensors at module paths `only` again from `files` into `module`, as
+/// [`load_strict_as`] would (same remap, layout and cast), leaving every other tensor as it is:
+/// how a merge into loaded weights (a LoRA) is undone without reloading the whole model. Each
+/// path must be found once, with its shape.
+pub fn reload_tensors_as<B: Backend, M: Module<B>>(
+    module: M,
+    files: &[PathBuf],
+    remap: &[(impl AsRef<str>, impl AsRef<str>)],
+    label: &str,
+    cast: Cast,
+    only: &BTreeSet<String>,
+) -> Result<M, LoadError> {
+    let remapper = remapper(remap)?;
+    let mut module = module;
+    let mut found = BTreeSet::new();
+    let mut errors = Vec::new();
+    for file in files {
+        let mut snapshots = match is_pickle(file) {
+            true => {
+                let mut store = PytorchStore::from_file(file).remap(remapper.clone());
+                let all = store
+                    .get_all_snapshots()
+                    .map_err(|e| LoadError::malformed(file, e.to_string()))?;
+                all.values().cloned().collect()
+            }
+            false => remapper.remap(file::snapshots(file)?).0,
+        };
+        snapshots.retain(|s| only.contains(&s.full_path()));
+        if snapshots.is_empty() {
+            continue;
+        }
+        let adapter = layout::PyTorchLayout.chain(CastFloats(cast));
+        let result: ApplyResult = module.apply(snapshots, None, Some(Box::new(adapter)), true);
+        found.extend(result.applied);
+        errors.extend(result.errors.into_iter().map(|e| format!("{e:?}")));
+    }
+    let keys: Vec<String> = only.difference(&found).cloned().collect();
+    if !keys.is_empty() {
+        return Err(LoadError::MissingKeys {
+            label: label.to_string(),
+            keys,
+            unexpected: Vec::new(),
+        });
+    }
+    if !errors.is_empty() {
+        return Err(LoadError::BadTensors {
+            label: label.to_string(),
+            errors,
+        });
+    }
+    Ok(module)
 }
 
 /// Joins at most a dozen items, then says how many more there were.

@@ -214,30 +214,30 @@ pub fn held_bytes<B: Backend, M: Module<B>>(module: &M, cast: Cast) -> u64 {
 
 /// Where a module walk is: the path of names it entered, and the type of each module.
 #[derive(Default)]
-struct Position {
+pub(crate) struct Position {
     path: Vec<String>,
     containers: Vec<String>,
 }
 
 impl Position {
-    fn enter(&mut self, name: &str, container: &str) {
+    pub(crate) fn enter(&mut self, name: &str, container: &str) {
         self.path.push(name.to_string());
         self.containers.push(container.to_string());
     }
 
-    fn exit(&mut self) {
+    pub(crate) fn exit(&mut self) {
         self.path.pop();
         self.containers.pop();
     }
 
     /// The parameter's path: its own name is the last segment entered.
-    fn path(&self) -> String {
+    pub(crate) fn path(&self) -> String {
         self.path.join(".")
     }
 
     /// Whether the parameter is a `Linear`'s weight (the type entered with its name is the
     /// module that owns it).
-    fn is_linear_weight(&self) -> bool {
+    pub(crate) fn is_linear_weight(&self) -> bool {
         self.containers.last().map(String::as_str) == Some(LINEAR)
             && self.path.last().map(String::as_str) == Some("weight")
     }
