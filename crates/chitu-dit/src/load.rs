@@ -88,10 +88,7 @@ impl<B: Backend> WanTransformer<B> {
     /// [`WanTransformer::from_dir`], holding the weight matrices in `format` (a [`Precision`], or
     /// one with int8 linear layers).
     pub fn from_dir_as(dir: impl AsRef<Path>, device: &B::Device, format: impl Into<Format>) -> Result<Self, DitError> {
-        let dir = dir.as_ref();
-        let (config, json) = WanDitConfig::read(&dir.join("config.json"))?;
-        let layout = CheckpointLayout::of_config(&json);
-        let files = weight_files(dir, "diffusion_pytorch_model")?;
+        let (config, layout, files) = transformer_folder(dir.as_ref())?;
         let (model, _) = Self::new(config, device)?.load_weights_as(&files, layout, format)?;
         Ok(model)
     }
@@ -129,10 +126,7 @@ impl<B: Backend> WanTransformer<B> {
         format: impl Into<Format>,
         only: &BTreeSet<String>,
     ) -> Result<Self, DitError> {
-        let dir = dir.as_ref();
-        let (_, json) = WanDitConfig::read(&dir.join("config.json"))?;
-        let layout = CheckpointLayout::of_config(&json);
-        let files = weight_files(dir, "diffusion_pytorch_model")?;
+        let (_, layout, files) = transformer_folder(dir.as_ref())?;
         let cast = Cast::new(format, KEEP_F32);
         Ok(reload_tensors_as(
             self,
@@ -143,4 +137,12 @@ impl<B: Backend> WanTransformer<B> {
             only,
         )?)
     }
+}
+
+/// A transformer folder's config, the layout its dialect names, and its weight files.
+fn transformer_folder(dir: &Path) -> Result<(WanDitConfig, CheckpointLayout, Vec<PathBuf>), DitError> {
+    let (config, json) = WanDitConfig::read(&dir.join("config.json"))?;
+    let layout = CheckpointLayout::of_config(&json);
+    let files = weight_files(dir, "diffusion_pytorch_model")?;
+    Ok((config, layout, files))
 }

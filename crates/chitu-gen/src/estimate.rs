@@ -9,7 +9,6 @@
 
 use crate::{DiffusionBackend, DiffusionUserParams, GenError, MemoryLevel};
 use burn::module::{Module, ModuleVisitor, Param};
-use burn::tensor::quantization::QuantLevel;
 use burn::tensor::{backend::Backend, Tensor};
 use std::fmt;
 
@@ -19,15 +18,7 @@ pub fn module_bytes<B: Backend, M: Module<B>>(module: &M) -> u64 {
     impl<B: Backend> ModuleVisitor<B> for Sum {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
             let t = param.val();
-            let elements = t.shape().num_elements() as u64;
-            self.0 += match t.dtype() {
-                // One byte a value and an f32 scale a block (chitu-store's int8 layout).
-                burn::tensor::DType::QFloat(scheme) => match scheme.level {
-                    QuantLevel::Block(block) => chitu_store::int8_bytes(elements, block.num_elements()),
-                    QuantLevel::Tensor => elements + 4,
-                },
-                dtype => elements * dtype.size() as u64,
-            };
+            self.0 += chitu_store::tensor_bytes(t.dtype(), t.shape().num_elements() as u64);
         }
     }
     let mut sum = Sum(0);

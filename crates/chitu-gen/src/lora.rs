@@ -224,6 +224,12 @@ impl<B: Backend> DiffusionBackend<B> {
         // Every file is read and checked against every DiT it names before anything merges.
         let mut files: BTreeMap<PathBuf, LoraFile> = BTreeMap::new();
         let mut new: Vec<Vec<(LoraSpec, Arc<DeltaSet>)>> = vec![Vec::new(); n];
+        // Each DiT's parameters, from an unallocated shell of its config (burn's parameters are lazy).
+        let mut tables = Vec::with_capacity(n);
+        for i in 0..n {
+            let skeleton = WanTransformer::<B>::new(self.dit(i)?.shell().clone(), &self.device)?;
+            tables.push(param_table(&skeleton));
+        }
         for spec in specs {
             let models = spec
                 .expert
@@ -234,9 +240,7 @@ impl<B: Backend> DiffusionBackend<B> {
             }
             let file = &files[&spec.path];
             for i in models {
-                let skeleton = WanTransformer::<B>::new(self.dit(i)?.shell().clone(), &self.device)?;
-                let params = param_table(&skeleton);
-                let deltas = lora_deltas(file, spec.strength, &params, partial)?;
+                let deltas = lora_deltas(file, spec.strength, &tables[i], partial)?;
                 for line in &deltas.skipped {
                     tracing::warn!(lora = %spec.path.display(), model = self.dit(i)?.name(), "skipped {line}");
                 }

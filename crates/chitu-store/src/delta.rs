@@ -135,16 +135,9 @@ impl<B: Backend> BaseWeights<B> {
     }
 }
 
-fn held_bytes(dtype: DType, elements: usize) -> u64 {
-    match dtype {
-        DType::QFloat(scheme) => crate::int8_bytes(elements as u64, block_of(scheme.level).unwrap_or(1)),
-        d => (elements * d.size()) as u64,
-    }
-}
-
 fn block_of(level: QuantLevel) -> Option<usize> {
     match level {
-        QuantLevel::Block(b) => b.as_slice().last().map(|&v| v as usize),
+        QuantLevel::Block(b) => Some(b.num_elements()),
         QuantLevel::Tensor => None,
     }
 }
@@ -181,7 +174,7 @@ pub fn merge_deltas<B: Backend, M: Module<B>>(
             let base = &mut self.base;
             param.map(|t| {
                 if let Some(kept) = base.as_mut() {
-                    let bytes = held_bytes(t.dtype(), t.shape().num_elements());
+                    let bytes = crate::tensor_bytes(t.dtype(), t.shape().num_elements() as u64);
                     kept.bytes += bytes;
                     kept.tensors.insert(path.clone(), (t.clone().into_primitive(), bytes));
                 }

@@ -29,7 +29,7 @@ mod quant;
 mod rows;
 pub use delta::{merge_deltas, param_table, read_tensors, restore_base, BaseWeights, Delta, DeltaSet, ParamInfo, Term};
 pub use precision::{cast_module, held_bytes, Cast, Format, Precision, UnknownPrecision};
-pub use quant::{block_for, int8_bytes, int8_scheme, quantize_int8, UnknownWeights, Weights, INT8_BLOCK};
+pub use quant::{block_for, int8_bytes, int8_scheme, quantize_int8, tensor_bytes, UnknownWeights, Weights, INT8_BLOCK};
 pub use rows::FileRows;
 
 /// Why a checkpoint could not be loaded. Every variant names the file or the keys at fault, so a
@@ -200,6 +200,28 @@ pub fn weight_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>, LoadError> {
     }
 }
 
+/// A file's snapshots under their new names, and `(new name, file's name)` pairs.
+type Remapped = (Vec<TensorSnapshot>, Vec<(String, String)>);
+
+/// The lazy snapshots of one weight file with their keys renamed by `remapper`, and (for
+/// safetensors) each new name with the file's own, for errors in the file's terms.
+/// `.pth`/`.pt` files go through burn-store's PyTorch reader, everything else through ours.
+fn remapped_snapshots(file: &Path, remapper: &KeyRemapper) -> Result<Remapped, LoadError> {
+    if is_pickle(file) {
+        // The store's snapshots, applied with the load's cast like safetensors: its own
+        // `load_from` fills the module in the stored dtype, and casting afterwards held the
+        // bf16 and the f32 model at once.
+        let mut store = PytorchStore::from_file(file).remap(remapper.clone());
+        let all = store
+            .get_all_snapshots()
+            .map_err(|e| LoadError::malformed(file, e.to_string()))?;
+        return Ok((all.values().cloned().collect(), Vec::new()));
+    }
+    // Not burn-store's SafetensorsStore: it maps the file, and every page read stays resident
+    // until the load ends, doubling the peak memory (see `file.rs`).
+    Ok(remapper.remap(file::snapshots(file)?))
+}
+
 /// Whether `path` is a PyTorch pickle (`.pth`, `.pt`, `.bin`) rather than safetensors.
 pub(crate) fn is_pickle(path: &Path) -> bool {
     matches!(path.extension().and_then(|e| e.to_str()), Some("pth" | "pt" | "bin"))
@@ -213,18 +235,19 @@ pub(crate) fn remapper(remap: &[(impl AsRef<str>, impl AsRef<str>)]) -> Result<K
 
 /// A remap table compiled once, for renaming keys that do not come from a checkpoint being
 /// loaded (an adapter's keys, say), with the same rules the loader applies.
-pub struct KeyMap(KeyRemapper);
+pub struct KeyMap(Vec<(regex::Regex, String)>);
 
 impl KeyMap {
     /// Compiles `remap` (regex, replacement; applied in order).
     pub fn new(remap: &[(impl AsRef<str>, impl AsRef<str>)]) -> Result<Self, LoadError> {
-        Ok(Self(remapper(remap)?))
+        Ok(Self(remapper(remap)?.to_regex_pairs()))
     }
 
-    /// `key` after every pattern that matches it, in order.
+    /// `key` after every pattern that matches it, in order, as burn-store's remapper renames a
+    /// checkpoint's keys.
     pub fn apply(&self, key: &str) -> String {
         let mut key = key.to_string();
-        for (pattern, replacement) in self.0.to_regex_pairs() {
+        for (pattern, replacement) in &self.0 {
             if pattern.is_match(&key) {
                 key = pattern.replace_all(&key, replacement.as_str()).to_string();
             }
@@ -344,20 +367,7 @@ pub fn load_strict_leaving<B: Backend, M: Module<B>>(
                 std::io::Error::new(std::io::ErrorKind::NotFound, "weight file does not exist"),
             ));
         }
-        let (mut snapshots, names): (Vec<TensorSnapshot>, Vec<(String, String)>) = if is_pickle(file) {
-            // The store's snapshots, applied with the f32 cast like safetensors: its own
-            // `load_from` fills the module in the stored dtype, and casting afterwards held the
-            // bf16 and the f32 model at once.
-            let mut store = PytorchStore::from_file(file).remap(remapper.clone());
-            let all = store
-                .get_all_snapshots()
-                .map_err(|e| LoadError::malformed(file, e.to_string()))?;
-            (all.values().cloned().collect(), Vec::new())
-        } else {
-            // Not burn-store's SafetensorsStore: it maps the file, and every page read stays
-            // resident until the load ends, doubling the peak memory (see `file.rs`).
-            remapper.remap(file::snapshots(file)?)
-        };
+        let (mut snapshots, names) = remapped_snapshots(file, &remapper)?;
         // How the file stores each tensor, by module path: for errors in the file's own terms.
         let original: HashMap<String, String> = names.into_iter().collect();
         let stored: HashMap<String, (String, Vec<usize>)> = snapshots
@@ -466,16 +476,7 @@ pub fn reload_tensors_as<B: Backend, M: Module<B>>(
     let mut found = BTreeSet::new();
     let mut errors = Vec::new();
     for file in files {
-        let mut snapshots = match is_pickle(file) {
-            true => {
-                let mut store = PytorchStore::from_file(file).remap(remapper.clone());
-                let all = store
-                    .get_all_snapshots()
-                    .map_err(|e| LoadError::malformed(file, e.to_string()))?;
-                all.values().cloned().collect()
-            }
-            false => remapper.remap(file::snapshots(file)?).0,
-        };
+        let (mut snapshots, _) = remapped_snapshots(file, &remapper)?;
         snapshots.retain(|s| only.contains(&s.full_path()));
         if snapshots.is_empty() {
             continue;

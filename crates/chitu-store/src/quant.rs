@@ -89,6 +89,18 @@ pub fn int8_bytes(elements: u64, block: usize) -> u64 {
     elements + 8 * elements / block as u64
 }
 
+/// Bytes a loaded tensor of `elements` values in `dtype` keeps resident: its element size, or
+/// for int8 blocks [`int8_bytes`].
+pub fn tensor_bytes(dtype: DType, elements: u64) -> u64 {
+    match dtype {
+        DType::QFloat(scheme) => match scheme.level {
+            QuantLevel::Block(block) => int8_bytes(elements, block.num_elements()),
+            QuantLevel::Tensor => elements + 4,
+        },
+        dtype => elements * dtype.size() as u64,
+    }
+}
+
 /// `data` (a float matrix whose last axis is a multiple of `block`) as int8 blocks. A block with a
 /// NaN or an infinity gets a NaN scale, so the fault shows in the output (and in `check_nan`)
 /// rather than vanishing into zeros.
