@@ -6,6 +6,7 @@
 #   THREADS=2 RUNS=5 WORKLOADS="dit umt5" bash bench/run.sh
 #   FULLSIZE_DIR=/data/wan-full WORKLOADS=fullsize THREADS=2 bash bench/run.sh
 #   WORKLOADS=lora bash bench/run.sh  # LoRA merge cost, few-step vs base (FULLSIZE_DIR adds full size)
+#   WORKLOADS=serve bash bench/run.sh # chitu serve: job order, load-test latency and throughput
 #
 # `fullsize` is the memory benchmark: one request (240x416, 9 frames, 2 steps, CFG) on a full-size
 # random Wan2.1-T2V-1.3B folder that ../shared/tools/make_fullsize.py wrote to FULLSIZE_DIR (about
@@ -47,6 +48,15 @@ cargo build --release --example bench_compare >&2
 
 LINES=$(mktemp)
 for w in $WORKLOADS; do
+    if [ "$w" = serve ]; then
+        # How the server should order jobs (to completion or interleaved), then the load test's
+        # latency and throughput figures.
+        cargo build --release --example bench_serve >&2
+        mkdir -p bench/results
+        RAYON_NUM_THREADS=$THREADS target/release/examples/bench_serve | tee bench/results/serve.md
+        cargo test --release --test serve_load -- --nocapture 2>&1 | grep '^load:' | tee -a bench/results/serve.md
+        continue
+    fi
     if [ "$w" = lora ]; then
         # LoRA merge time and memory, and 4 unguided steps against 50 with CFG: on the embedded
         # default, then (with FULLSIZE_DIR) on the full-size folder with a random rank-64 LoRA

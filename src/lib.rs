@@ -28,6 +28,8 @@
 #![warn(missing_docs)]
 
 pub mod cli;
+#[cfg(feature = "serve")]
+pub mod serve;
 
 pub use chitu_cache as cache;
 pub use chitu_dist as dist;

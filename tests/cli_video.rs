@@ -1,53 +1,7 @@
 //! The `chitu` binary on the embedded model: files written, MP4 decodable with the right frames.
 
-use openh264::decoder::Decoder;
-use openh264::formats::YUVSource;
-use std::path::Path;
-
 mod common;
-use common::generate;
-
-/// Decodes every sample of the MP4's video track; returns (frames decoded, width, height).
-fn decode_mp4(path: &Path) -> (usize, usize, usize) {
-    let file = std::fs::File::open(path).unwrap();
-    let size = file.metadata().unwrap().len();
-    let mut reader = mp4::Mp4Reader::read_header(std::io::BufReader::new(file), size).unwrap();
-    let (id, w, h, sps, pps) = {
-        let (id, track) = reader.tracks().iter().next().unwrap();
-        let avc = &track.trak.mdia.minf.stbl.stsd.avc1.as_ref().unwrap().avcc;
-        let sets = (
-            avc.sequence_parameter_sets[0].bytes.clone(),
-            avc.picture_parameter_sets[0].bytes.clone(),
-        );
-        (*id, track.width() as usize, track.height() as usize, sets.0, sets.1)
-    };
-    let annex_b = |nal: &[u8], out: &mut Vec<u8>| {
-        out.extend_from_slice(&[0, 0, 0, 1]);
-        out.extend_from_slice(nal);
-    };
-    let mut decoder = Decoder::new().unwrap();
-    let mut decoded = 0;
-    for i in 1..=reader.sample_count(id).unwrap() {
-        let sample = reader.read_sample(id, i).unwrap().unwrap();
-        let mut packet = Vec::new();
-        if i == 1 {
-            annex_b(&sps, &mut packet);
-            annex_b(&pps, &mut packet);
-        }
-        let mut rest = &sample.bytes[..];
-        while rest.len() >= 4 {
-            let n = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
-            annex_b(&rest[4..4 + n], &mut packet);
-            rest = &rest[4 + n..];
-        }
-        if let Some(frame) = decoder.decode(&packet).unwrap() {
-            assert_eq!(frame.dimensions(), (w, h));
-            decoded += 1;
-        }
-    }
-    decoded += decoder.flush_remaining().unwrap().len();
-    (decoded, w, h)
-}
+use common::{decode_mp4, generate};
 
 #[test]
 fn generate_on_the_embedded_model_writes_a_playable_video() {

@@ -18,9 +18,14 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+// Parsed once at start: the size of the larger variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Generate a video from a prompt.
     Generate(GenerateArgs),
+    /// Serve a job API and a web page: POST /v1/videos, progress over SSE, files when done.
+    #[cfg(feature = "serve")]
+    Serve(chitu::serve::ServeArgs),
 }
 
 #[derive(clap::Args)]
@@ -388,9 +393,8 @@ fn write(
     Ok(())
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    // The first Ctrl-C stops at the next step boundary; a second one ends the process at once.
+/// The first Ctrl-C stops at the next step boundary; a second one ends the process at once.
+fn stop_on_ctrl_c() {
     let handler = ctrlc::set_handler(|| {
         if INTERRUPTED.swap(true, Ordering::SeqCst) {
             chitu::pipeline::video::remove_partial_files();
@@ -401,8 +405,18 @@ fn main() -> ExitCode {
     if let Err(e) = handler {
         eprintln!("warning: no Ctrl-C handler ({e}); Ctrl-C ends the run at once");
     }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
     let result = match cli.command {
-        Command::Generate(args) => run(args),
+        Command::Generate(args) => {
+            stop_on_ctrl_c();
+            run(args)
+        }
+        // The server handles SIGINT and SIGTERM itself: it requeues the running job.
+        #[cfg(feature = "serve")]
+        Command::Serve(args) => chitu::serve::serve(args).map_err(AnyError::from),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

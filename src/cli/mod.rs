@@ -5,7 +5,7 @@
 mod memory;
 mod prompts;
 pub use memory::LowMem;
-pub use prompts::Request;
+pub use prompts::{FieldError, Request};
 
 use crate::pipeline::{
     DiffusionBackend, DiffusionUserParams, GenError, LoadOptions, LoraSpec, Precision, Video, Weights,
@@ -261,6 +261,31 @@ pub struct RequestArgs {
 }
 
 impl RequestArgs {
+    /// No field given: every value is the model's default (seed 0, no negative prompt), and no
+    /// prompt yet.
+    pub fn empty() -> Self {
+        Self {
+            prompt: None,
+            prompt_file: None,
+            prompts_file: None,
+            negative_prompt: String::new(),
+            steps: None,
+            timesteps: None,
+            sigmas: None,
+            height: None,
+            width: None,
+            frames: None,
+            guidance: None,
+            guidance_2: None,
+            seed: 0,
+            solver: None,
+            shift: None,
+            max_sequence_length: None,
+            cache: None,
+            cache_threshold: None,
+        }
+    }
+
     /// `base` (the model's defaults) with every given field set; `low_mem` comes from the model
     /// arguments, so a request never runs below the level its backend was loaded at.
     pub fn params(&self, base: DiffusionUserParams, low_mem: u8) -> Result<DiffusionUserParams, CliError> {

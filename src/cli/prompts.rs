@@ -74,12 +74,24 @@ impl RequestArgs {
         }
         let fields: serde_json::Map<String, Value> =
             serde_json::from_str(line).map_err(|e| format!("not a JSON object: {e}"))?;
+        self.with_json(&fields, &[]).map_err(|e| e.to_string())
+    }
+
+    /// These arguments with a JSON request's fields applied, named as this command's flags
+    /// (`{"prompt": "...", "seed": 3}`); `prompt` is required. Keys in `skip` are left to the
+    /// caller (the server's `loras`); any other key is an unknown field.
+    pub fn with_json(&self, fields: &serde_json::Map<String, Value>, skip: &[&str]) -> Result<RequestArgs, FieldError> {
         let mut r = RequestArgs {
             prompt: None,
+            prompt_file: None,
+            prompts_file: None,
             ..self.clone()
         };
-        for (key, v) in &fields {
-            let bad = |what: &str| format!("{key}: expected {what}, got {v}");
+        for (key, v) in fields {
+            if skip.contains(&key.as_str()) {
+                continue;
+            }
+            let bad = |what: &str| FieldError::new(key, format!("expected {what}, got {v}"));
             let text = || v.as_str().map(str::to_string).ok_or_else(|| bad("a string"));
             let count = || {
                 v.as_u64()
@@ -107,18 +119,43 @@ impl RequestArgs {
                     r.solver = Some(SolverArg::from_str(&name, true).map_err(|_| bad("unipc, dpm++ or euler"))?);
                 }
                 "shift" => r.shift = Some(number()?),
-                // One list per line: a line's own replaces the command line's, of either kind.
+                // One list per request: its own replaces the base's, of either kind.
                 "timesteps" => (r.timesteps, r.sigmas) = (Some(numbers()?), None),
                 "sigmas" => (r.sigmas, r.timesteps) = (Some(numbers()?), None),
                 "max_sequence_length" => r.max_sequence_length = Some(count()?),
                 "cache" => r.cache = Some(if v.is_object() { v.to_string() } else { text()? }),
                 "cache_threshold" => r.cache_threshold = Some(number()?),
-                other => return Err(format!("unknown field {other:?}")),
+                other => return Err(FieldError::new(other, format!("unknown field {other:?}"))),
             }
         }
         if r.prompt.is_none() {
-            return Err("no \"prompt\" field".into());
+            return Err(FieldError::new("prompt", "no \"prompt\" field"));
         }
         Ok(r)
+    }
+}
+
+/// A field of a JSON request that is not what it should be.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct FieldError {
+    /// The field, by its flag name.
+    pub field: String,
+    /// What is wrong, naming the field.
+    pub message: String,
+}
+
+impl FieldError {
+    /// An error of `field`; a message that does not start with the field's name gets it in front.
+    pub fn new(field: &str, message: impl Into<String>) -> Self {
+        let message = message.into();
+        let message = match message.contains(field) {
+            true => message,
+            false => format!("{field}: {message}"),
+        };
+        Self {
+            field: field.to_string(),
+            message,
+        }
     }
 }

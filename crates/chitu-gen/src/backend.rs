@@ -428,7 +428,7 @@ impl<B: Backend> DiffusionBackend<B> {
         let grid = [t.div_ceil(pt), h / ph, w / pw];
         if grid.iter().any(|&g| g > dit.rope_max_seq_len) {
             return bad(format!(
-                "{}x{} with {} frames makes a token grid {grid:?}; this model's RoPE tables reach {} per axis (at most {} pixels per side, {} frames)",
+                "height {} and width {} with {} frames make a token grid {grid:?}; this model's RoPE tables reach {} per axis (at most {} pixels per side, {} frames)",
                 params.height,
                 params.width,
                 params.num_frames,
