@@ -368,6 +368,20 @@ fn generated_bodies_never_get_a_5xx() {
 }
 
 #[test]
+fn under_mpirun_it_refuses_to_start_with_a_reason() {
+    let data = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_chitu"))
+        .args(["serve", "--port", "0", "--data"])
+        .arg(data.path())
+        .env("OMPI_COMM_WORLD_SIZE", "2")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("without mpirun"), "{stderr}");
+}
+
+#[test]
 fn under_cfg_parallel_rank_0_serves_and_the_other_rank_follows() {
     let data = tempfile::tempdir().unwrap();
     let mut server = Server::start(data.path(), &["--cfg-parallel", "2"]);

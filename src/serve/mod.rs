@@ -85,6 +85,9 @@ pub enum ServeError {
     /// `--cfg-parallel`/`--cp` do not make a layout, or a rank failed.
     #[error(transparent)]
     Ranks(#[from] crate::dist::CommError),
+    /// Started by `mpirun`, which this service does not run under.
+    #[error("chitu serve runs its ranks in one process (--cfg-parallel/--cp): start it once, without mpirun")]
+    UnderMpi,
     /// The ranks ended before rank 0's model loaded, without saying why.
     #[error("the ranks ended before the model loaded")]
     RanksEnded,
@@ -314,6 +317,11 @@ fn param_field(message: &str, params: Option<&DiffusionUserParams>) -> &'static 
 /// Loads the model, opens the job store, and serves until SIGTERM or Ctrl-C; the running job
 /// then goes back to the queue, and the process exits cleanly.
 pub fn serve(args: ServeArgs) -> Result<(), ServeError> {
+    // The launcher variables `MpiComm::launched` reads: each process would bind the same port.
+    let launchers = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS"];
+    if launchers.iter().any(|v| std::env::var_os(v).is_some()) {
+        return Err(ServeError::UnderMpi);
+    }
     let data_err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| ServeError::Data { path, source }
