@@ -304,6 +304,14 @@ async fn cancel(State(svc): Svc, Path(id): Path<String>) -> Result<(StatusCode, 
     Ok((code, Json(status)))
 }
 
+/// Whether a job status (from `Service::status`) is of a job that has ended.
+fn has_ended(status: &Value) -> bool {
+    status["state"]
+        .as_str()
+        .and_then(JobState::parse)
+        .is_some_and(JobState::is_final)
+}
+
 /// `GET /v1/videos/{id}/events`: the status now, then one event per stage change and denoise
 /// step, and a `final` event, after which the stream ends.
 async fn events(
@@ -315,10 +323,7 @@ async fn events(
     let rx = svc.events.subscribe();
     let now = svc.status(seq).map_err(ApiError::internal)?;
     let now = now.ok_or_else(|| ApiError::not_found(&id))?;
-    let ended = now["state"]
-        .as_str()
-        .and_then(JobState::parse)
-        .is_some_and(JobState::is_final);
+    let ended = has_ended(&now);
     let first = SseEvent::default()
         .event(if ended { "final" } else { "status" })
         .data(now.to_string());
@@ -341,10 +346,7 @@ async fn events(
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                     // Some events were missed: the status now stands for them.
                     let status = svc.status(seq).ok().flatten()?;
-                    let ended = status["state"]
-                        .as_str()
-                        .and_then(JobState::parse)
-                        .is_some_and(JobState::is_final);
+                    let ended = has_ended(&status);
                     let kind = if ended { "final" } else { "status" };
                     let event = SseEvent::default().event(kind).data(status.to_string());
                     return Some((Ok(event), (None, rx, ended, svc)));

@@ -385,21 +385,23 @@ pub fn serve(args: ServeArgs) -> Result<(), ServeError> {
     let worker = match ranks {
         None => {
             let svc = svc.clone();
-            let worker = std::thread::Builder::new()
+            std::thread::Builder::new()
                 .name("chitu-worker".into())
-                .spawn(move || worker::run(&svc, None))
+                .spawn(move || {
+                    worker::run(&svc, None);
+                    Ok(())
+                })
                 .map_err(|source| ServeError::Net {
                     what: "starting the worker".into(),
                     source,
-                })?;
-            std::thread::spawn(move || worker.join().map_err(|_| ServeError::RanksEnded))
+                })?
         }
         Some(ranks) => {
             for rank in followers {
                 // A rank that already ended reports its error when joined below.
                 let _ = rank.send(svc.clone());
             }
-            std::thread::spawn(move || ranks.join().unwrap_or(Err(ServeError::RanksEnded)))
+            ranks
         }
     };
     let served = runtime.block_on(api::serve(svc.clone(), &args.host, args.port));

@@ -3,7 +3,7 @@
 //! for step, what to run.
 
 use super::worker::{self, stage_name};
-use super::{ServeArgs, ServeError, Service};
+use super::{lock, ServeArgs, ServeError, Service};
 use crate::dist::{Communicator, Layout, Mesh, TensorData};
 use crate::pipeline::{DiffusionTask, DiffusionUserParams, Generator, LoraSpec};
 use crate::DefaultBackend as B;
@@ -81,11 +81,11 @@ pub(crate) fn rank_main(
     let mesh = Mesh::new(world.clone(), layout)?;
     let (generator, defaults) = super::load(&args.model, &device)?;
     let generator = generator.with_mesh(mesh);
-    let receiver = handoff.service[rank].lock().unwrap_or_else(|p| p.into_inner()).take();
+    let receiver = lock(&handoff.service[rank]).take();
     let receiver = receiver.ok_or("a rank started twice")?;
     if rank == 0 {
         let generator = Arc::new(generator);
-        let sender = handoff.loaded.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let sender = lock(&handoff.loaded).clone();
         sender.send((generator, defaults))?;
         let svc = receiver.recv()?;
         worker::run(&svc, Some(world.as_ref()));

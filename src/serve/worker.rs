@@ -3,7 +3,7 @@
 
 use super::ranks::{self, Control};
 use super::store::{Job, JobState};
-use super::{Event, Live, Service};
+use super::{lock, Event, Live, Service};
 use crate::dist::Communicator;
 use crate::pipeline::{DiffusionBackend, DiffusionTask, GenError, LoraSpec, Stage, Video};
 use crate::DefaultBackend as B;
@@ -74,8 +74,8 @@ pub(crate) fn run(svc: &Service, ranks: Option<&dyn Communicator>) {
                     .unwrap_or("unknown");
                 Err(RunError::Request(format!("internal error (panic): {what}")))
             });
-        *svc.live.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        svc.cancels.lock().unwrap_or_else(|p| p.into_inner()).remove(&job.seq);
+        *lock(&svc.live) = None;
+        lock(&svc.cancels).remove(&job.seq);
         let store = svc.store();
         let recorded = match result {
             Ok(Ended::Succeeded(timings)) => store.finish(job.seq, JobState::Succeeded, None, Some(&timings)),
@@ -112,7 +112,7 @@ fn run_job(
     let mut task = DiffusionTask::<B>::from_user_request(request.params)?;
     backend.check_request(task.params())?;
     let set_live = |task: &DiffusionTask<B>| {
-        *svc.live.lock().unwrap_or_else(|p| p.into_inner()) = Some(Live {
+        *lock(&svc.live) = Some(Live {
             seq: job.seq,
             stage: stage_name(task.stage()),
             step: task.step(),
@@ -125,7 +125,7 @@ fn run_job(
             tell(Control::Abandon);
             return Ok(Ended::Stopping);
         }
-        if svc.cancels.lock().unwrap_or_else(|p| p.into_inner()).contains(&job.seq) {
+        if lock(&svc.cancels).contains(&job.seq) {
             // Dropping the task frees its latents and embeddings, here and on every rank.
             tell(Control::Abandon);
             return Ok(Ended::Cancelled);
