@@ -3,7 +3,8 @@
 use crate::VaeError;
 use serde::Deserialize;
 
-/// Shape of a Wan2.1 VAE. The Wan2.2-A14B experts use this same VAE.
+/// Shape of a Wan VAE: Wan2.1's (which the Wan2.2-A14B experts use too) or Wan2.2's
+/// (TI2V-5B: residual blocks, 2x2 patchify, 48 latent channels, 16x spatial).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct WanVaeConfig {
     #[serde(default = "d_base")]
@@ -34,16 +35,17 @@ pub struct WanVaeConfig {
     /// Per-channel latent standard deviation.
     pub latents_std: Vec<f64>,
     #[serde(default)]
-    /// The Wan2.2 residual blocks (not supported yet).
+    /// The Wan2.2 residual down/up blocks, with their parameter-free `avg_shortcut` paths.
     pub is_residual: bool,
     #[serde(default = "d_rgb")]
-    /// Pixel channels in (3).
+    /// Channels into the encoder: 3, or `3 * patch^2` with a patchify (12 for Wan2.2).
     pub in_channels: usize,
     #[serde(default = "d_rgb")]
-    /// Pixel channels out (3).
+    /// Channels out of the decoder, before the unpatchify.
     pub out_channels: usize,
     #[serde(default)]
-    /// Spatial patchify of the Wan2.2 VAE (not supported yet).
+    /// Spatial patchify of the Wan2.2 VAE (2): pixels are folded into channels before the
+    /// encoder and unfolded after the decoder.
     pub patch_size: Option<usize>,
 }
 
@@ -100,9 +102,42 @@ impl Default for WanVaeConfig {
 }
 
 impl WanVaeConfig {
-    /// Spatial downsampling factor (8 for Wan2.1).
-    pub fn spatial_factor(&self) -> usize {
+    /// The Wan2.2 VAE of TI2V-5B (`Wan2.2_VAE.pth`), as diffusers' conversion script
+    /// (`convert_wan_to_diffusers.py`, `vae22_diffusers_config`) writes it.
+    pub fn wan22() -> Self {
+        Self {
+            base_dim: 160,
+            decoder_base_dim: Some(256),
+            z_dim: 48,
+            num_res_blocks: 2,
+            latents_mean: WAN22_MEAN.to_vec(),
+            latents_std: WAN22_STD.to_vec(),
+            is_residual: true,
+            in_channels: 12,
+            out_channels: 12,
+            patch_size: Some(2),
+            ..Self::default()
+        }
+    }
+
+    /// The 2x2 patchify (1 without one).
+    pub fn patch(&self) -> usize {
+        self.patch_size.unwrap_or(1)
+    }
+
+    /// Spatial factor of the encoder and decoder alone, without the patchify.
+    pub fn conv_spatial_factor(&self) -> usize {
         1 << (self.dim_mult.len() - 1)
+    }
+
+    /// Pixels per latent along each spatial axis (8 for Wan2.1, 16 for Wan2.2).
+    pub fn spatial_factor(&self) -> usize {
+        self.conv_spatial_factor() * self.patch()
+    }
+
+    /// Video channels (3): the encoder's input channels before the patchify.
+    pub fn video_channels(&self) -> usize {
+        self.in_channels / (self.patch() * self.patch())
     }
 
     /// Temporal downsampling factor (4 for Wan2.1).
@@ -120,11 +155,12 @@ impl WanVaeConfig {
     /// Checks the relations the model relies on.
     pub fn validate(&self) -> Result<(), VaeError> {
         let bad = |m: String| Err(VaeError::Config(m));
-        if self.is_residual {
-            return bad("is_residual (the Wan2.2 TI2V-5B VAE) is not supported".into());
-        }
-        if self.patch_size.is_some_and(|p| p != 1) {
-            return bad(format!("patch_size {:?} is not supported", self.patch_size));
+        let p2 = self.patch() * self.patch();
+        if self.patch() == 0 || !self.in_channels.is_multiple_of(p2) || !self.out_channels.is_multiple_of(p2) {
+            return bad(format!(
+                "in_channels {} and out_channels {} must be multiples of patch_size^2 = {p2}",
+                self.in_channels, self.out_channels
+            ));
         }
         if self.dim_mult.len() < 2 || self.temperal_downsample.len() != self.dim_mult.len() - 1 {
             return bad(format!(
@@ -136,7 +172,7 @@ impl WanVaeConfig {
             return bad("base_dim, z_dim, num_res_blocks and dim_mult must be positive".into());
         }
         let dec = self.decoder_base_dim.unwrap_or(self.base_dim);
-        if self.dim_mult.iter().any(|m| !(m * dec).is_multiple_of(2)) {
+        if !self.is_residual && self.dim_mult.iter().any(|m| !(m * dec).is_multiple_of(2)) {
             return bad("decoder widths must be even (upsamplers halve them)".into());
         }
         if self.latents_mean.len() != self.z_dim || self.latents_std.len() != self.z_dim {
@@ -148,6 +184,68 @@ impl WanVaeConfig {
         if self.latents_std.iter().any(|s| *s == 0.0 || !s.is_finite()) {
             return bad("latents_std entries must be finite and non-zero".into());
         }
+        if self.is_residual {
+            self.validate_shortcuts()?;
+        }
         Ok(())
     }
+
+    /// The residual blocks' shortcuts fold space and time into channels and average groups of
+    /// them (down), or repeat channels and unfold them (up): the widths must divide.
+    fn validate_shortcuts(&self) -> Result<(), VaeError> {
+        let enc: Vec<usize> = std::iter::once(1)
+            .chain(self.dim_mult.iter().copied())
+            .map(|m| m * self.base_dim)
+            .collect();
+        let dec_base = self.decoder_base_dim.unwrap_or(self.base_dim);
+        let last = self.dim_mult.len() - 1;
+        for i in 0..self.dim_mult.len() {
+            let t = if i != last && self.temperal_downsample[i] { 2 } else { 1 };
+            let factor = t * if i != last { 4 } else { 1 };
+            if !(enc[i] * factor).is_multiple_of(enc[i + 1]) {
+                return Err(VaeError::Config(format!(
+                    "encoder stage {i}: {} channels times the downsampling factor {factor} must be a multiple of {}",
+                    enc[i],
+                    enc[i + 1]
+                )));
+            }
+        }
+        let dec = self.decoder_dims(dec_base);
+        let up: Vec<bool> = self.temperal_downsample.iter().rev().copied().collect();
+        for i in 0..last {
+            let factor = if up[i] { 8 } else { 4 };
+            if !(dec[i + 1] * factor).is_multiple_of(dec[i]) {
+                return Err(VaeError::Config(format!(
+                    "decoder stage {i}: {} channels times the upsampling factor {factor} must be a multiple of {}",
+                    dec[i + 1],
+                    dec[i]
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The decoder's stage widths: the top width, then one per stage.
+    pub(crate) fn decoder_dims(&self, base: usize) -> Vec<usize> {
+        std::iter::once(self.dim_mult[self.dim_mult.len() - 1])
+            .chain(self.dim_mult.iter().rev().copied())
+            .map(|m| m * base)
+            .collect()
+    }
 }
+
+/// `latents_mean` of the Wan2.2 VAE (diffusers' `vae22_diffusers_config`).
+const WAN22_MEAN: [f64; 48] = [
+    -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813, 0.0891, 0.1570,
+    -0.0098, 0.0375, -0.1825, -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502, -0.2055, -0.0322,
+    0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230, -0.0313, -0.1649, 0.0117, 0.0723, -0.2839, -0.2083, -0.0520,
+    0.3748, 0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667,
+];
+
+/// `latents_std` of the Wan2.2 VAE.
+const WAN22_STD: [f64; 48] = [
+    0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013, 0.8158, 1.0344, 0.5894, 1.0901, 0.6885, 0.6165,
+    0.8454, 0.4978, 0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659, 0.7069, 0.5338, 0.4889, 0.4917,
+    0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944, 0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.0600,
+    0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744,
+];

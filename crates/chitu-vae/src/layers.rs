@@ -31,6 +31,7 @@ pub struct FeatCache<B: Backend> {
     slots: Vec<Slot<B>>,
     next: usize,
     last: bool,
+    chunks: usize,
 }
 
 impl<B: Backend> FeatCache<B> {
@@ -40,7 +41,13 @@ impl<B: Backend> FeatCache<B> {
             slots: Vec::new(),
             next: 0,
             last: false,
+            chunks: 0,
         }
+    }
+
+    /// Whether the chunk being run is the first (Wan2.2's upsampling shortcuts drop frames there).
+    pub fn is_first_chunk(&self) -> bool {
+        self.chunks == 1
     }
 
     /// Starts a chunk: slots are visited again from the first. The convs of the `last` chunk
@@ -49,6 +56,7 @@ impl<B: Backend> FeatCache<B> {
     pub fn start_chunk(&mut self, last: bool) {
         self.next = 0;
         self.last = last;
+        self.chunks += 1;
     }
 
     /// Takes the next slot's index, growing the cache on the first chunk.
@@ -398,12 +406,17 @@ pub struct Resample<B: Backend> {
 }
 
 impl<B: Backend> Resample<B> {
-    /// A layer for `dim` channels in `mode`, with random weights.
+    /// A layer for `dim` channels in `mode`, with random weights; upsamplers halve the width.
     pub fn new(dim: usize, mode: ResampleMode, device: &B::Device) -> Self {
+        Self::with_up_width(dim, dim / 2, mode, device)
+    }
+
+    /// [`Resample::new`] with upsamplers giving `up_out` channels (Wan2.2 keeps the width).
+    pub fn with_up_width(dim: usize, up_out: usize, mode: ResampleMode, device: &B::Device) -> Self {
         let (conv, time_conv, code) = match mode {
-            ResampleMode::Upsample2d => (FrameConv::new(dim, dim / 2, device), None, 0),
+            ResampleMode::Upsample2d => (FrameConv::new(dim, up_out, device), None, 0),
             ResampleMode::Upsample3d => (
-                FrameConv::new(dim, dim / 2, device),
+                FrameConv::new(dim, up_out, device),
                 Some(CausalConv3d::new(dim, dim * 2, [3, 1, 1], 1, [1, 0], device)),
                 1,
             ),

@@ -1,4 +1,5 @@
-//! The Wan2.1 3D causal VAE in burn, reproducing diffusers' `AutoencoderKLWan`: chunked causal
+//! The Wan 3D causal VAEs in burn (Wan2.1's, and Wan2.2's with its residual stages and 2x2
+//! patchify), reproducing diffusers' `AutoencoderKLWan`: chunked causal
 //! encode (frame 0, then 4 frames at a time) and decode (one latent frame at a time) with the
 //! feature cache, and spatial tiling with blended overlaps for bounded memory.
 //!
@@ -20,6 +21,7 @@ mod conv;
 pub mod layers;
 mod load;
 mod model;
+mod residual;
 mod scratch;
 mod tiling;
 
@@ -27,6 +29,7 @@ pub use chitu_store::Precision;
 pub use config::WanVaeConfig;
 pub use load::{VaeLayout, KEEP_F32};
 pub use model::{Decoder, DownLayer, Encoder, Posterior, UpBlock, WanVae};
+pub use residual::{patchify, unpatchify, ResidualDownBlock};
 pub use tiling::TileConfig;
 
 /// Errors from building, loading or running the VAE.

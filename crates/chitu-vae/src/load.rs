@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 pub enum VaeLayout {
     /// diffusers' `AutoencoderKLWan` keys (`decoder.up_blocks.0.resnets.0.conv1.weight`, ...).
     Diffusers,
-    /// Wan's own `Wan2.1_VAE.pth` keys (`decoder.upsamples.4.residual.2.weight`, `conv1.weight`, ...).
+    /// Wan's own `Wan2.1_VAE.pth` and `Wan2.2_VAE.pth` keys (`decoder.upsamples.4.residual.2.weight`,
+    /// `encoder.downsamples.0.downsamples.1.resample.1.weight`, `conv1.weight`, ...).
     Wan,
 }
 
@@ -51,6 +52,13 @@ impl VaeLayout {
         };
         match self {
             Self::Diffusers => own(DIFFUSERS_REMAP),
+            Self::Wan if config.is_residual => {
+                // Wan2.2 nests each stage's layers (`downsamples.S.downsamples.N`): the residual
+                // blocks come first, the resampler last.
+                let mut table = own(WAN22_STAGES);
+                table.extend(own(WAN_REMAP));
+                table
+            }
             Self::Wan => {
                 let mut table = Vec::new();
                 let mut flat = 0;
@@ -77,6 +85,26 @@ impl VaeLayout {
         }
     }
 }
+
+/// Wan2.2's nested stages → module paths, applied before [`WAN_REMAP`].
+const WAN22_STAGES: &[(&str, &str)] = &[
+    (
+        r"^encoder\.downsamples\.(\d+)\.downsamples\.(\d+)\.(residual|shortcut)\.",
+        "encoder.down_blocks.$1.resnets.$2.$3.",
+    ),
+    (
+        r"^encoder\.downsamples\.(\d+)\.downsamples\.\d+\.",
+        "encoder.down_blocks.$1.downsampler.",
+    ),
+    (
+        r"^decoder\.upsamples\.(\d+)\.upsamples\.(\d+)\.(residual|shortcut)\.",
+        "decoder.up_blocks.$1.resnets.$2.$3.",
+    ),
+    (
+        r"^decoder\.upsamples\.(\d+)\.upsamples\.\d+\.",
+        "decoder.up_blocks.$1.upsampler.",
+    ),
+];
 
 /// Module-path segments held in f32 at every precision: the RMS norms' gains (which the VAE
 /// stores as `[C, 1, 1, 1]`, so the rank rule alone would not keep them).
@@ -113,8 +141,9 @@ impl<B: Backend> WanVae<B> {
         Self::new(config, device)?.load_weights_as(&files, VaeLayout::Diffusers, precision)
     }
 
-    /// Loads Wan's own VAE checkpoint (`Wan2.1_VAE.pth`, or the same keys in safetensors) for a
-    /// VAE of shape `config` (`WanVaeConfig::default()` for Wan2.1 and Wan2.2-A14B).
+    /// Loads Wan's own VAE checkpoint (`Wan2.1_VAE.pth`, `Wan2.2_VAE.pth`, or the same keys in
+    /// safetensors) for a VAE of shape `config` (`WanVaeConfig::default()` for Wan2.1 and
+    /// Wan2.2-A14B, [`WanVaeConfig::wan22`] for TI2V-5B).
     pub fn from_wan_checkpoint(
         path: impl AsRef<Path>,
         config: WanVaeConfig,

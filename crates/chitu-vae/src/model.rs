@@ -3,6 +3,7 @@
 use crate::layers::{
     AttentionBlock, CausalConv3d, FeatCache, MidBlock, Resample, ResampleMode, ResidualBlock, RmsNorm,
 };
+use crate::residual::{dup_up, patchify, unpatchify, ResidualDownBlock};
 use crate::{scratch, VaeError, WanVaeConfig};
 use burn::module::Module;
 use burn::tensor::{backend::Backend, Tensor};
@@ -19,6 +20,8 @@ pub enum DownLayer<B: Backend> {
     Attention(AttentionBlock<B>),
     /// A down-sampling layer.
     Resample(Resample<B>),
+    /// A whole Wan2.2 stage: residual blocks and downsampler with their shortcut.
+    Stage(ResidualDownBlock<B>),
 }
 
 /// The 3D encoder (diffusers' `WanEncoder3d`).
@@ -45,7 +48,28 @@ impl<B: Backend> Encoder<B> {
         let mut layers = Vec::new();
         let mut scale = 1.0;
         let last = c.dim_mult.len() - 1;
-        for i in 0..c.dim_mult.len() {
+        for i in (0..c.dim_mult.len()).filter(|_| c.is_residual) {
+            let (d_in, d_out) = (dims[i], dims[i + 1]);
+            let temporal = i != last && c.temperal_downsample[i];
+            let resnets = (0..c.num_res_blocks)
+                .map(|j| ResidualBlock::new(if j == 0 { d_in } else { d_out }, d_out, device))
+                .collect();
+            let downsampler = (i != last).then(|| {
+                let mode = if temporal {
+                    ResampleMode::Downsample3d
+                } else {
+                    ResampleMode::Downsample2d
+                };
+                Resample::new(d_out, mode, device)
+            });
+            layers.push(DownLayer::Stage(ResidualDownBlock {
+                resnets,
+                downsampler,
+                shortcut_t: if temporal { 2 } else { 1 },
+                shortcut_s: if i != last { 2 } else { 1 },
+            }));
+        }
+        for i in (0..c.dim_mult.len()).filter(|_| !c.is_residual) {
             let (mut d_in, d_out) = (dims[i], dims[i + 1]);
             for _ in 0..c.num_res_blocks {
                 layers.push(DownLayer::Residual(ResidualBlock::new(d_in, d_out, device)));
@@ -82,6 +106,7 @@ impl<B: Backend> Encoder<B> {
                 DownLayer::Residual(r) => r.forward(x, cache),
                 DownLayer::Attention(a) => a.forward(x),
                 DownLayer::Resample(r) => r.forward(x, cache),
+                DownLayer::Stage(s) => s.forward(x, cache),
             };
         }
         let x = self.mid_block.forward(x, cache);
@@ -89,13 +114,43 @@ impl<B: Backend> Encoder<B> {
     }
 }
 
-/// An up block of the decoder (diffusers' `WanUpBlock`).
+/// An up block of the decoder (diffusers' `WanUpBlock`, or Wan2.2's `WanResidualUpBlock`).
 #[derive(Module, Debug)]
 pub struct UpBlock<B: Backend> {
     /// The block's residual blocks (`resnets.N`).
     pub resnets: Vec<ResidualBlock<B>>,
-    /// The up-sampling layer, on every block but the last (`upsamplers.0`).
+    /// Wan2.1's up-sampling layer, on every block but the last (`upsamplers.0`).
     pub upsamplers: Option<Vec<Resample<B>>>,
+    /// Wan2.2's up-sampling layer, on every block but the last (`upsampler`).
+    pub upsampler: Option<Resample<B>>,
+    /// Temporal factor of Wan2.2's duplicating shortcut around the block.
+    pub shortcut_t: usize,
+    /// Spatial factor of that shortcut; 0 where the block has none (Wan2.1, and the last block).
+    pub shortcut_s: usize,
+}
+
+impl<B: Backend> UpBlock<B> {
+    fn forward(&self, x: Tensor<B, 5>, cache: &mut FeatCache<B>) -> Tensor<B, 5> {
+        let skip = (self.shortcut_s > 0).then(|| x.clone());
+        let mut x = x;
+        for r in &self.resnets {
+            x = r.forward(x, cache);
+        }
+        if let Some(ups) = &self.upsamplers {
+            x = ups[0].forward(x, cache);
+        }
+        if let Some(up) = &self.upsampler {
+            x = up.forward(x, cache);
+        }
+        match skip {
+            Some(skip) => {
+                let out = x.dims()[1];
+                let first = cache.is_first_chunk();
+                x + dup_up(skip, self.shortcut_t, self.shortcut_s, out, first)
+            }
+            None => x,
+        }
+    }
 }
 
 /// The 3D decoder (diffusers' `WanDecoder3d`).
@@ -116,29 +171,35 @@ pub struct Decoder<B: Backend> {
 impl<B: Backend> Decoder<B> {
     fn new(c: &WanVaeConfig, device: &B::Device) -> Self {
         let base = c.decoder_base_dim.unwrap_or(c.base_dim);
-        let mults: Vec<usize> = std::iter::once(c.dim_mult[c.dim_mult.len() - 1])
-            .chain(c.dim_mult.iter().rev().copied())
-            .collect();
-        let dims: Vec<usize> = mults.iter().map(|m| m * base).collect();
+        let dims = c.decoder_dims(base);
         let temporal_up: Vec<bool> = c.temperal_downsample.iter().rev().copied().collect();
         let last = c.dim_mult.len() - 1;
         let mut up_blocks = Vec::new();
         for i in 0..c.dim_mult.len() {
-            // Every upsampler halves the width, so later blocks take half the previous width.
-            let d_in = if i > 0 { dims[i] / 2 } else { dims[i] };
+            // Wan2.1's upsamplers halve the width, so its later blocks take half the previous
+            // width; Wan2.2's keep it.
+            let d_in = if i > 0 && !c.is_residual { dims[i] / 2 } else { dims[i] };
             let d_out = dims[i + 1];
             let resnets = (0..=c.num_res_blocks)
                 .map(|j| ResidualBlock::new(if j == 0 { d_in } else { d_out }, d_out, device))
                 .collect();
-            let upsamplers = (i != last).then(|| {
-                let mode = if temporal_up[i] {
-                    ResampleMode::Upsample3d
-                } else {
-                    ResampleMode::Upsample2d
-                };
-                vec![Resample::new(d_out, mode, device)]
+            let mode = if temporal_up[i.min(last.saturating_sub(1))] {
+                ResampleMode::Upsample3d
+            } else {
+                ResampleMode::Upsample2d
+            };
+            let up = i != last;
+            let (upsamplers, upsampler) = match c.is_residual {
+                false => (up.then(|| vec![Resample::new(d_out, mode, device)]), None),
+                true => (None, up.then(|| Resample::with_up_width(d_out, d_out, mode, device))),
+            };
+            up_blocks.push(UpBlock {
+                resnets,
+                upsamplers,
+                upsampler,
+                shortcut_t: if up && temporal_up[i] { 2 } else { 1 },
+                shortcut_s: if up && c.is_residual { 2 } else { 0 },
             });
-            up_blocks.push(UpBlock { resnets, upsamplers });
         }
         let out = dims[dims.len() - 1];
         Self {
@@ -155,12 +216,7 @@ impl<B: Backend> Decoder<B> {
         let x = self.conv_in.forward_cached(x, cache);
         let mut x = self.mid_block.forward(x, cache);
         for block in &self.up_blocks {
-            for r in &block.resnets {
-                x = r.forward(x, cache);
-            }
-            if let Some(ups) = &block.upsamplers {
-                x = ups[0].forward(x, cache);
-            }
+            x = block.forward(x, cache);
         }
         self.conv_out.forward_norm_silu_cached(x, &self.norm_out, cache)
     }
@@ -210,10 +266,10 @@ impl<B: Backend> WanVae<B> {
     pub fn encode(&self, video: Tensor<B, 5>) -> Result<Posterior<B>, VaeError> {
         let [_, c, f, h, w] = video.dims();
         let (sf, tf) = (self.config.spatial_factor(), self.config.temporal_factor());
-        if c != self.config.in_channels {
+        if c != self.config.video_channels() {
             return Err(VaeError::Shape(format!(
                 "video has {c} channels, the VAE expects {}",
-                self.config.in_channels
+                self.config.video_channels()
             )));
         }
         if f == 0 || (f - 1) % tf != 0 {
@@ -222,6 +278,7 @@ impl<B: Backend> WanVae<B> {
         if h == 0 || w == 0 || h % sf != 0 || w % sf != 0 {
             return Err(VaeError::Shape(format!("{h}x{w} is not a positive multiple of {sf}")));
         }
+        let video = patchify(video, self.config.patch());
         let _scratch = scratch::Scope::enter();
         let mut cache = FeatCache::new();
         let mut chunks = Vec::new();
@@ -255,7 +312,7 @@ impl<B: Backend> WanVae<B> {
     }
 
     /// Decodes raw (un-normalised) latents `[B, z, T, h, w]` one latent frame at a time to video
-    /// `[B, C, 1 + 4(T-1), 8h, 8w]` clamped to [-1, 1].
+    /// `[B, 3, 1 + 4(T-1), s*h, s*w]` clamped to [-1, 1] (`s` the spatial factor, 8 or 16).
     pub fn decode(&self, z: Tensor<B, 5>) -> Result<Tensor<B, 5>, VaeError> {
         self.decode_with_progress(z, &mut |_, _| {})
     }
@@ -274,10 +331,10 @@ impl<B: Backend> WanVae<B> {
             done += 1;
             progress(done, t)
         });
-        Ok(video.clamp(-1.0, 1.0))
+        Ok(unpatchify(video, self.config.patch()).clamp(-1.0, 1.0))
     }
 
-    /// The decode before clamping; `frame_done` runs after each latent frame.
+    /// The decode before the unpatchify and the clamp; `frame_done` runs after each latent frame.
     pub(crate) fn decode_unclamped(&self, z: Tensor<B, 5>, frame_done: &mut dyn FnMut()) -> Tensor<B, 5> {
         let _scratch = scratch::Scope::enter();
         let t = z.dims()[2];

@@ -136,7 +136,7 @@ impl<B: Backend> WanVae<B> {
         tiles: TileConfig,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Tensor<B, 5>, VaeError> {
-        let sf = self.config.spatial_factor();
+        let (sf, p) = (self.config.spatial_factor(), self.config.patch());
         tiles.validate(sf)?;
         let [_, c, t, h, w] = z.dims();
         if c != self.config.z_dim {
@@ -155,23 +155,37 @@ impl<B: Backend> WanVae<B> {
             done += 1;
             progress(done, total)
         };
+        // With a patchify the tiles are blended before it is undone, in its units, as diffusers
+        // does.
         let out = tiled(
             &z,
             size,
             stride,
-            [tiles.min_height, tiles.min_width],
-            [tiles.stride_height, tiles.stride_width],
-            [h * sf, w * sf],
+            [tiles.min_height / p, tiles.min_width / p],
+            [tiles.stride_height / p, tiles.stride_width / p],
+            [h * sf / p, w * sf / p],
             |tile| self.decode_unclamped(tile, &mut frame_done),
         );
-        Ok(out.clamp(-1.0, 1.0))
+        Ok(crate::unpatchify(out, p).clamp(-1.0, 1.0))
     }
 
     /// Encodes in overlapping spatial tiles and blends the latents, as diffusers' `tiled_encode`.
+    /// With a patchify, diffusers tiles the patchified video, so the tile sizes are in its units.
     pub fn encode_tiled(&self, video: Tensor<B, 5>, tiles: TileConfig) -> Result<Posterior<B>, VaeError> {
-        let sf = self.config.spatial_factor();
+        let sf = self.config.conv_spatial_factor();
         tiles.validate(sf)?;
-        let [_, _, f, h, w] = video.dims();
+        let [_, c, f, h, w] = video.dims();
+        let p = self.config.patch();
+        if c != self.config.video_channels() || h % (sf * p) != 0 || w % (sf * p) != 0 {
+            return Err(VaeError::Shape(format!(
+                "video {:?}: the VAE encodes {} channels at multiples of {} pixels",
+                video.dims(),
+                self.config.video_channels(),
+                sf * p
+            )));
+        }
+        let video = crate::patchify(video, p);
+        let [_, _, _, h, w] = video.dims();
         let tf = self.config.temporal_factor();
         if f == 0 || (f - 1) % tf != 0 {
             return Err(VaeError::Shape(format!("{f} frames: the VAE encodes {tf}k+1 frames")));
@@ -212,7 +226,7 @@ impl<B: Backend> WanVae<B> {
         let [b, _, t, h, w] = latent_shape;
         let c = &self.config;
         let base = c.decoder_base_dim.unwrap_or(c.base_dim);
-        let sf = c.spatial_factor();
+        let sf = c.conv_spatial_factor();
         let frames_out = 1 + c.temporal_factor() * (t.max(1) - 1);
         let mut peak = 0usize;
         for (i, m) in c.dim_mult.iter().rev().enumerate() {
