@@ -107,7 +107,7 @@ fn wan21_defaults_follow_the_model() {
         (d.height, d.width, d.num_frames, d.num_inference_steps, d.guidance_scale),
         (480, 832, 81, 50, 5.0)
     );
-    assert_eq!(d.latent_shape(16), [1, 16, 21, 60, 104]);
+    assert_eq!(d.latent_shape(16, 8), [1, 16, 21, 60, 104]);
 }
 
 #[test]

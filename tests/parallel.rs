@@ -139,7 +139,7 @@ fn the_embedded_model_matches_one_device_on_every_layout() {
         num_inference_steps: 3,
         ..DiffusionUserParams::tiny("A cat walking on grass")
     };
-    let shape = params.latent_shape(16);
+    let shape = params.latent_shape(16, 8);
     let init = host(chitu::pipeline::seeded_noise::<B>(
         params.seed,
         shape,

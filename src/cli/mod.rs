@@ -8,7 +8,7 @@ pub use memory::LowMem;
 pub use prompts::{FieldError, Request};
 
 use crate::pipeline::{
-    DiffusionBackend, DiffusionUserParams, GenError, LoadOptions, LoraSpec, Precision, Video, Weights,
+    ConditionImage, DiffusionBackend, DiffusionUserParams, GenError, LoadOptions, LoraSpec, Precision, Video, Weights,
 };
 use burn::tensor::backend::Backend;
 use chitu_cache::CacheConfig;
@@ -224,10 +224,10 @@ pub struct RequestArgs {
     /// Euler; `--steps` defaults to the list's length.
     #[arg(long, value_delimiter = ',', num_args = 1..)]
     pub sigmas: Option<Vec<f64>>,
-    /// Height in pixels, a multiple of 16.
+    /// Height in pixels, a multiple of 16 (32 for Wan2.2 TI2V-5B).
     #[arg(long)]
     pub height: Option<usize>,
-    /// Width in pixels, a multiple of 16.
+    /// Width in pixels, a multiple of 16 (32 for Wan2.2 TI2V-5B).
     #[arg(long)]
     pub width: Option<usize>,
     /// Frame count, 4k+1.
@@ -258,6 +258,16 @@ pub struct RequestArgs {
     /// Threshold of teacache or first_block_cache.
     #[arg(long, requires = "cache")]
     pub cache_threshold: Option<f64>,
+    /// A PNG or JPEG to start the video from (image-to-video: Wan2.2 TI2V-5B, I2V-A14B). It is
+    /// scaled to cover the request size and center-cropped.
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    /// A PNG or JPEG to end the video on (first-last-frame, on I2V-A14B).
+    #[arg(long, requires = "image")]
+    pub last_image: Option<PathBuf>,
+    /// Refuse a picture of another size than the request's instead of fitting it.
+    #[arg(long)]
+    pub no_resize: bool,
 }
 
 impl RequestArgs {
@@ -283,6 +293,9 @@ impl RequestArgs {
             max_sequence_length: None,
             cache: None,
             cache_threshold: None,
+            image: None,
+            last_image: None,
+            no_resize: false,
         }
     }
 
@@ -324,7 +337,21 @@ impl RequestArgs {
             max_sequence_length: self.max_sequence_length.unwrap_or(base.max_sequence_length),
             low_mem,
             cache,
+            image: self.picture(self.image.as_ref())?.or(base.image),
+            last_image: self.picture(self.last_image.as_ref())?.or(base.last_image),
         })
+    }
+
+    /// The picture at `path`, decoded now so that a missing or corrupt file fails before any
+    /// model work.
+    fn picture(&self, path: Option<&PathBuf>) -> Result<Option<ConditionImage>, CliError> {
+        match path {
+            None => Ok(None),
+            Some(p) => {
+                let img = ConditionImage::open(p).map_err(GenError::from)?;
+                Ok(Some(img.with_resize(!self.no_resize)))
+            }
+        }
     }
 }
 

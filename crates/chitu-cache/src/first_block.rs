@@ -33,7 +33,7 @@ impl<B: Backend> CacheRule<B> for FirstBlockCacheConfig {
 
     fn run(&self, dit: &DitRunner<B>, input: DitInput<B>, ctx: RuleContext<'_, State<B>>) -> Velocity<B> {
         let RuleContext { call, state, stats } = ctx;
-        let e = dit.embed(input.x, &[input.timestep], input.context)?;
+        let e = dit.embed_at(input.x, &[input.timestep], input.first_frame, input.context)?;
         let num_blocks = dit.num_blocks();
         let window = Window::new(self.warmup, self.cooldown);
         let head_out = dit.blocks(e.tokens.clone(), &e.inputs, 0..1.min(num_blocks), &mut NoHook);

@@ -167,12 +167,25 @@ pub struct DitInput<B: Backend> {
     pub timestep: f64,
     /// The text states.
     pub context: Tensor<B, 3>,
+    /// The timestep of latent frame 0's tokens when it differs (Wan2.2 TI2V with an image: 0).
+    pub first_frame: Option<f64>,
 }
 
 impl<B: Backend> DitInput<B> {
     /// The inputs of one call.
     pub fn new(x: Tensor<B, 5>, timestep: f64, context: Tensor<B, 3>) -> Self {
-        Self { x, timestep, context }
+        Self {
+            x,
+            timestep,
+            context,
+            first_frame: None,
+        }
+    }
+
+    /// Gives latent frame 0's tokens their own timestep.
+    pub fn with_first_frame(mut self, timestep: Option<f64>) -> Self {
+        self.first_frame = timestep;
+        self
     }
 }
 

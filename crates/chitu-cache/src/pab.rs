@@ -64,7 +64,7 @@ impl<B: Backend> CacheRule<B> for PabConfig {
             call,
             reused: 0,
         };
-        let out = dit.forward(input.x, &[input.timestep], input.context, &mut hook)?;
+        let out = dit.forward_at(input.x, &[input.timestep], input.first_frame, input.context, &mut hook)?;
         let reused = hook.reused;
         stats.record(dit.num_blocks(), 0, reused);
         Ok(out)

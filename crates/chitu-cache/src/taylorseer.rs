@@ -92,7 +92,7 @@ impl<B: Backend> CacheRule<B> for TaylorSeerConfig {
             compute,
             forecast: 0,
         };
-        let out = dit.forward(input.x, &[input.timestep], input.context, &mut hook)?;
+        let out = dit.forward_at(input.x, &[input.timestep], input.first_frame, input.context, &mut hook)?;
         let forecast = hook.forecast;
         if compute {
             state.last_step = Some(call.step);

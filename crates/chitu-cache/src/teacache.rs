@@ -33,7 +33,7 @@ impl<B: Backend> CacheRule<B> for TeaCacheConfig {
 
     fn run(&self, dit: &DitRunner<B>, input: DitInput<B>, ctx: RuleContext<'_, State<B>>) -> Velocity<B> {
         let RuleContext { call, state, stats } = ctx;
-        let e = dit.embed(input.x, &[input.timestep], input.context)?;
+        let e = dit.embed_at(input.x, &[input.timestep], input.first_frame, input.context)?;
         let signal: Tensor<B, 2> = match self.mode {
             TeaCacheMode::RetSteps => e.inputs.e0.clone().flatten(1, 2),
             TeaCacheMode::Default => e.temb.clone(),

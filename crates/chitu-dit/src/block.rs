@@ -49,6 +49,27 @@ pub struct BlockInputs<B: Backend> {
     /// Set when the tokens are one rank's share of a sequence-parallel run: self-attention then
     /// goes through it (Ulysses all-to-alls around the local kernel).
     pub self_attention: Option<Arc<dyn SelfAttentionWrap<B>>>,
+    /// Wan2.2 TI2V's per-token timesteps (`expand_timesteps`) with an image: the first `k` tokens
+    /// this call holds (latent frame 0) and their own modulation input `[B, 6, dim]`.
+    pub first: Option<(usize, Tensor<B, 3>)>,
+}
+
+/// `f(x, true)` on the first `k` tokens of `x` `[B, S, dim]` and `f(x, false)` on the others: how
+/// the first latent frame's tokens get their own modulation without a per-token tensor of it.
+pub(crate) fn split_tokens<B: Backend>(
+    x: Tensor<B, 3>,
+    k: usize,
+    f: impl Fn(Tensor<B, 3>, bool) -> Tensor<B, 3>,
+) -> Tensor<B, 3> {
+    let s = x.dims()[1];
+    match k {
+        0 => f(x, false),
+        k if k >= s => f(x, true),
+        k => Tensor::cat(
+            vec![f(x.clone().narrow(1, 0, k), true), f(x.narrow(1, k, s - k), false)],
+            1,
+        ),
+    }
 }
 
 /// A Wan transformer block (diffusers' `WanTransformerBlock`).
@@ -97,12 +118,18 @@ impl<B: Backend> WanBlock<B> {
         attn: &dyn AttentionOp<B>,
         hook: &mut dyn BlockHook<B>,
     ) -> Tensor<B, 3> {
-        let mods = self.scale_shift_table.val() + inputs.e0.clone();
-        let m = |i: usize| mods.clone().narrow(1, i, 1);
-        let (shift, scale, gate) = (m(0), m(1), m(2));
-        let (c_shift, c_scale, c_gate) = (m(3), m(4), m(5));
+        let table = self.scale_shift_table.val();
+        let mods = table.clone() + inputs.e0.clone();
+        let first = inputs.first.as_ref().map(|(k, e0)| (*k, table + e0.clone()));
+        let k = first.as_ref().map_or(0, |f| f.0);
+        // Modulation `i` (shift, scale, gate; then the FFN's) of the first frame or the rest.
+        let m = |i: usize, is_first: bool| match (&first, is_first) {
+            (Some((_, f)), true) => f.clone().narrow(1, i, 1),
+            _ => mods.clone().narrow(1, i, 1),
+        };
+        let eps = self.eps;
 
-        let normed = modulate(layer_norm(x.clone(), self.eps), shift, scale);
+        let normed = split_tokens(x.clone(), k, |x, f| modulate(layer_norm(x, eps), m(0, f), m(1, f)));
         let sa = hook.part(index, BlockPart::SelfAttn, &mut || match &inputs.self_attention {
             Some(wrap) => {
                 let wrapped = Wrapped {
@@ -113,7 +140,7 @@ impl<B: Backend> WanBlock<B> {
             }
             None => self.attn1.forward(normed.clone(), None, Some(&inputs.rope), attn),
         });
-        let x = x + sa * gate;
+        let x = x + split_tokens(sa, k, |sa, f| sa * m(2, f));
 
         let normed = match &self.norm2 {
             Some(norm) => norm.forward(x.clone()),
@@ -125,8 +152,8 @@ impl<B: Backend> WanBlock<B> {
         });
         let x = x + ca;
 
-        let normed = modulate(layer_norm(x.clone(), self.eps), c_shift, c_scale);
+        let normed = split_tokens(x.clone(), k, |x, f| modulate(layer_norm(x, eps), m(3, f), m(4, f)));
         let ff = hook.part(index, BlockPart::Ffn, &mut || self.ffn.forward(normed.clone()));
-        x + ff * c_gate
+        x + split_tokens(ff, k, |ff, f| ff * m(5, f))
     }
 }

@@ -47,6 +47,9 @@ pub struct Embedded<B: Backend> {
     pub grid: [usize; 3],
     /// Which tokens this rank holds, in a sequence-parallel run.
     pub shard: Option<SeqShard<B>>,
+    /// With a first-frame timestep: how many tokens latent frame 0 has in the whole sequence, and
+    /// their time embedding `[B, dim]` for the head.
+    pub first: Option<(usize, Tensor<B, 2>)>,
 }
 
 impl<B: Backend> WanTransformer<B> {
@@ -118,11 +121,34 @@ impl<B: Backend> WanTransformer<B> {
     /// Patch embedding, time and text conditioning, and the RoPE tables of all tokens.
     /// `timesteps` holds one value per batch row.
     pub fn embed(&self, x: Tensor<B, 5>, timesteps: &[f64], context: Tensor<B, 3>) -> Result<Embedded<B>, DitError> {
-        let (tokens, mut e) = self.embed_without_rope(x, timesteps, context)?;
+        self.embed_at(x, timesteps, None, context)
+    }
+
+    /// [`WanTransformer::embed`] where the tokens of latent frame 0 may have their own timestep
+    /// `first_frame` (Wan2.2 TI2V's `expand_timesteps` with an image: 0, the image is clean).
+    pub fn embed_at(
+        &self,
+        x: Tensor<B, 5>,
+        timesteps: &[f64],
+        first_frame: Option<f64>,
+        context: Tensor<B, 3>,
+    ) -> Result<Embedded<B>, DitError> {
+        let (tokens, mut e) = self.embed_without_rope(x, timesteps, first_frame, context)?;
         let seq = e.grid.iter().product();
         e.inputs.rope = RopeTables::new(e.grid, self.config.head_dim, ROPE_THETA, 0..seq, &tokens.device());
+        e.inputs.first = e.inputs.first.take().map(|(k, e0)| (k.min(seq), e0));
         e.tokens = tokens;
         Ok(e)
+    }
+
+    /// The time embedding `[B, dim]` and modulation input `[B, 6, dim]` of `timesteps`.
+    fn time_conditioning(&self, timesteps: &[f64], device: &B::Device) -> (Tensor<B, 2>, Tensor<B, 3>) {
+        let dim = self.config.dim();
+        let sinusoid = timestep_embedding::<B>(timesteps, self.config.freq_dim, device);
+        let temb = self.condition_embedder.time_embedder.forward(sinusoid);
+        let e0 =
+            mixed::linear(&self.condition_embedder.time_proj, silu(temb.clone())).reshape([timesteps.len(), 6, dim]);
+        (temb, e0)
     }
 
     /// [`WanTransformer::embed`] with empty tokens and RoPE tables, returning the tokens apart:
@@ -131,17 +157,26 @@ impl<B: Backend> WanTransformer<B> {
         &self,
         x: Tensor<B, 5>,
         timesteps: &[f64],
+        first_frame: Option<f64>,
         context: Tensor<B, 3>,
     ) -> Result<(Tensor<B, 3>, Embedded<B>), DitError> {
         let grid = self.check_inputs(&x.dims(), timesteps.len(), &context.dims())?;
+        if first_frame.is_some() && self.config.patch_size[0] != 1 {
+            return Err(DitError::Shape(format!(
+                "a first-frame timestep needs a temporal patch of 1, the model's is {}",
+                self.config.patch_size[0]
+            )));
+        }
         let device = x.device();
         let [b, _, _, _, _] = x.dims();
         let dim = self.config.dim();
         let tokens = self.patch_embedding.forward(x);
 
-        let sinusoid = timestep_embedding::<B>(timesteps, self.config.freq_dim, &device);
-        let temb = self.condition_embedder.time_embedder.forward(sinusoid);
-        let e0 = mixed::linear(&self.condition_embedder.time_proj, silu(temb.clone())).reshape([b, 6, dim]);
+        let (temb, e0) = self.time_conditioning(timesteps, &device);
+        let first = first_frame.map(|t0| {
+            let (temb0, e00) = self.time_conditioning(&vec![t0; b], &device);
+            (grid[1] * grid[2], temb0, e00)
+        });
         let context = self.condition_embedder.text_embedder.forward(context);
         let rope = RopeTables::new(grid, self.config.head_dim, ROPE_THETA, 0..0, &device);
         let embedded = Embedded {
@@ -152,9 +187,11 @@ impl<B: Backend> WanTransformer<B> {
                 context,
                 rope,
                 self_attention: None,
+                first: first.as_ref().map(|(k, _, e00)| (*k, e00.clone())),
             },
             grid,
             shard: None,
+            first: first.map(|(k, temb0, _)| (k, temb0)),
         };
         Ok((tokens, embedded))
     }
@@ -176,9 +213,29 @@ impl<B: Backend> WanTransformer<B> {
 
     /// The output head: modulated LayerNorm, projection, unpatchify to `[B, C, F, H, W]`.
     pub fn head(&self, x: Tensor<B, 3>, temb: Tensor<B, 2>, grid: [usize; 3]) -> Tensor<B, 5> {
-        let mods = self.scale_shift_table.val() + temb.unsqueeze_dim(1);
-        let (shift, scale) = (mods.clone().narrow(1, 0, 1), mods.narrow(1, 1, 1));
-        let x = modulate(layer_norm(x, self.config.eps), shift, scale);
+        self.head_at(x, temb, None, grid)
+    }
+
+    /// [`WanTransformer::head`] with the first `k` tokens modulated by their own time embedding.
+    pub fn head_at(
+        &self,
+        x: Tensor<B, 3>,
+        temb: Tensor<B, 2>,
+        first: Option<(usize, Tensor<B, 2>)>,
+        grid: [usize; 3],
+    ) -> Tensor<B, 5> {
+        let table = self.scale_shift_table.val();
+        let mods = table.clone() + temb.unsqueeze_dim(1);
+        let first_mods = first.as_ref().map(|(_, t)| table + t.clone().unsqueeze_dim(1));
+        let k = first.as_ref().map_or(0, |f| f.0);
+        let eps = self.config.eps;
+        let x = crate::block::split_tokens(x, k, |x, is_first| {
+            let m = match (&first_mods, is_first) {
+                (Some(f), true) => f,
+                _ => &mods,
+            };
+            modulate(layer_norm(x, eps), m.clone().narrow(1, 0, 1), m.clone().narrow(1, 1, 1))
+        });
         let x = mixed::linear(&self.proj_out, x);
         unpatchify(x, grid, self.config.patch_size, self.config.out_channels)
     }
@@ -200,6 +257,6 @@ impl<B: Backend> WanTransformer<B> {
     ) -> Result<Tensor<B, 5>, DitError> {
         let e = self.embed(x, timesteps, context)?;
         let x = self.forward_blocks(e.tokens, &e.inputs, 0..self.blocks.len(), attn, hook);
-        Ok(self.head(x, e.temb, e.grid))
+        Ok(self.head_at(x, e.temb, e.first, e.grid))
     }
 }

@@ -47,10 +47,22 @@ impl<'a, B: Backend> DitRunner<'a, B> {
 
     /// [`WanTransformer::embed`], keeping only this rank's tokens (and their RoPE angles).
     pub fn embed(&self, x: Tensor<B, 5>, timesteps: &[f64], context: Tensor<B, 3>) -> Result<Embedded<B>, DitError> {
+        self.embed_at(x, timesteps, None, context)
+    }
+
+    /// [`WanTransformer::embed_at`] (latent frame 0 at its own timestep), keeping only this
+    /// rank's tokens.
+    pub fn embed_at(
+        &self,
+        x: Tensor<B, 5>,
+        timesteps: &[f64],
+        first_frame: Option<f64>,
+        context: Tensor<B, 3>,
+    ) -> Result<Embedded<B>, DitError> {
         let Some(group) = &self.group else {
-            return self.model.embed(x, timesteps, context);
+            return self.model.embed_at(x, timesteps, first_frame, context);
         };
-        let (tokens, mut e) = self.model.embed_without_rope(x, timesteps, context)?;
+        let (tokens, mut e) = self.model.embed_without_rope(x, timesteps, first_frame, context)?;
         let [b, seq_len, dim] = tokens.dims();
         let n = group.size();
         let local_len = seq_len.div_ceil(n);
@@ -61,6 +73,11 @@ impl<'a, B: Backend> DitRunner<'a, B> {
             failure: Arc::new(Mutex::new(None)),
         };
         let range = shard.range();
+        // Frame 0's tokens are a prefix of the sequence, so of this rank's share too.
+        e.inputs.first = e.inputs.first.take().map(|(k, e0)| {
+            let local = k.min(range.end).saturating_sub(range.start).min(local_len);
+            (local, e0)
+        });
         let padded = local_len * n;
         let tokens = if padded > seq_len {
             Tensor::cat(
@@ -104,7 +121,7 @@ impl<'a, B: Backend> DitRunner<'a, B> {
                 all.narrow(1, 0, shard.seq_len)
             }
         };
-        Ok(self.model.head(x, e.temb.clone(), e.grid))
+        Ok(self.model.head_at(x, e.temb.clone(), e.first.clone(), e.grid))
     }
 
     /// The whole forward with `hook` deciding each sub-layer.
@@ -115,7 +132,19 @@ impl<'a, B: Backend> DitRunner<'a, B> {
         context: Tensor<B, 3>,
         hook: &mut dyn BlockHook<B>,
     ) -> Result<Tensor<B, 5>, DitError> {
-        let e = self.embed(x, timesteps, context)?;
+        self.forward_at(x, timesteps, None, context, hook)
+    }
+
+    /// [`DitRunner::forward`] with latent frame 0 at its own timestep.
+    pub fn forward_at(
+        &self,
+        x: Tensor<B, 5>,
+        timesteps: &[f64],
+        first_frame: Option<f64>,
+        context: Tensor<B, 3>,
+        hook: &mut dyn BlockHook<B>,
+    ) -> Result<Tensor<B, 5>, DitError> {
+        let e = self.embed_at(x, timesteps, first_frame, context)?;
         let out = self.blocks(e.tokens.clone(), &e.inputs, 0..self.num_blocks(), hook);
         self.head(out, &e)
     }

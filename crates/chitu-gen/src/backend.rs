@@ -106,6 +106,61 @@ impl MemoryLevel {
     }
 }
 
+/// Which Wan pipeline a model is: what a request may condition it on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PipelineKind {
+    /// Text to video (Wan2.1, Wan2.2-T2V-A14B): no picture.
+    #[default]
+    TextToVideo,
+    /// Wan2.2 TI2V-5B (`expand_timesteps`): text to video, or image to video with the picture
+    /// as latent frame 0, whose tokens get timestep 0.
+    TextImageToVideo,
+    /// Wan2.2 I2V-A14B (`WanImageToVideoPipeline`): a picture is required (and a last one may be
+    /// given); the DiT reads the latents beside a frame mask and the encoded condition video.
+    ImageToVideo,
+}
+
+impl PipelineKind {
+    /// The kind a diffusers `model_index.json` names.
+    fn from_index(index: &serde_json::Value, path: &Path) -> Result<Self, GenError> {
+        let class = index
+            .get("_class_name")
+            .and_then(|v| v.as_str())
+            .unwrap_or("WanPipeline");
+        let expand = index.get("expand_timesteps").and_then(|v| v.as_bool()).unwrap_or(false);
+        let folder = |message: String| GenError::Folder {
+            path: path.to_path_buf(),
+            message,
+        };
+        if index
+            .get("image_encoder")
+            .and_then(|v| v.get(0))
+            .is_some_and(|v| !v.is_null())
+        {
+            return Err(folder(
+                "an image_encoder (Wan2.1 I2V/FLF2V's CLIP) is not supported yet; Wan2.2 I2V-A14B and TI2V-5B need none".into(),
+            ));
+        }
+        match (class, expand) {
+            ("WanPipeline" | "WanImageToVideoPipeline", true) => Ok(Self::TextImageToVideo),
+            ("WanImageToVideoPipeline", false) => Ok(Self::ImageToVideo),
+            ("WanPipeline", false) => Ok(Self::TextToVideo),
+            (other, _) => Err(folder(format!(
+                "_class_name {other} is not a pipeline chitu runs (WanPipeline, WanImageToVideoPipeline)"
+            ))),
+        }
+    }
+
+    /// Its name in messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::TextToVideo => "text-to-video",
+            Self::TextImageToVideo => "text-and-image-to-video (TI2V)",
+            Self::ImageToVideo => "image-to-video (I2V)",
+        }
+    }
+}
+
 /// Text encoder, a pool of one or two DiTs, the VAE and the scheduler of a model.
 ///
 /// The text encoder and the DiTs can be parked in host memory between uses (`low_mem` 2 and 3);
@@ -117,6 +172,8 @@ pub struct DiffusionBackend<B: Backend> {
     pub model_pool: Vec<Offloaded<B, WanTransformer<B>>>,
     /// The pool switches to its second model once `t < boundary_ratio * num_train_timesteps`.
     pub boundary_ratio: Option<f64>,
+    /// What a request may condition this model on (a picture or not).
+    pub pipeline: PipelineKind,
     /// The VAE.
     pub vae: WanVae<B>,
     /// The folder's scheduler, parsed and checked at load.
@@ -194,6 +251,7 @@ impl<B: Backend> DiffusionBackend<B> {
             })?),
         };
         check_boundary(&index_path, boundary_ratio)?;
+        let pipeline = PipelineKind::from_index(&index, &index_path)?;
         if second != boundary_ratio.is_some() {
             return Err(GenError::Folder {
                 path: index_path,
@@ -230,6 +288,7 @@ impl<B: Backend> DiffusionBackend<B> {
             text,
             model_pool,
             boundary_ratio,
+            pipeline,
             vae,
             scheduler,
             device: device.clone(),
@@ -241,8 +300,32 @@ impl<B: Backend> DiffusionBackend<B> {
             release_after_use: options.release_after_use,
             lora,
         };
+        backend.check_channels(&dir.join("transformer"))?;
         backend.apply_lora(&options.loras, options.lora_partial)?;
         Ok(backend)
+    }
+
+    /// The DiT's channels must fit the pipeline: the VAE's latents (T2V, TI2V), or those plus a
+    /// frame mask and the condition latents (I2V).
+    fn check_channels(&self, path: &Path) -> Result<(), GenError> {
+        let dit = self.dit(0)?.shell();
+        let z = self.vae.config.z_dim;
+        let want = match self.pipeline {
+            PipelineKind::ImageToVideo => 2 * z + self.vae.config.temporal_factor(),
+            _ => z,
+        };
+        if dit.in_channels != want || dit.out_channels != z {
+            return Err(GenError::Folder {
+                path: path.to_path_buf(),
+                message: format!(
+                    "the transformer takes {} channels and gives {}; a {} model with this VAE ({z} latent channels) needs {want} and {z}",
+                    dit.in_channels,
+                    dit.out_channels,
+                    self.pipeline.describe()
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// Loads a Wan release folder with the shapes and sampler settings of `config`.
@@ -295,7 +378,10 @@ impl<B: Backend> DiffusionBackend<B> {
             model_pool.push(options.released_if_one_shot(dit)?);
         }
 
-        let vae_file = find(dir, &["Wan2.1_VAE.pth", "Wan2.1_VAE.safetensors"])?;
+        let vae_file = match config.vae.is_residual {
+            true => find(dir, &["Wan2.2_VAE.pth", "Wan2.2_VAE.safetensors"])?,
+            false => find(dir, &["Wan2.1_VAE.pth", "Wan2.1_VAE.safetensors"])?,
+        };
         let vae = WanVae::from_wan_checkpoint_as(&vae_file, config.vae.clone(), device, options.vae_dtype)?;
         // Loaded last, as in `load`.
         let text_reload: crate::Reload<B, TextEncoder<B>> = {
@@ -317,6 +403,7 @@ impl<B: Backend> DiffusionBackend<B> {
             text,
             model_pool,
             boundary_ratio: config.boundary_ratio,
+            pipeline: config.pipeline,
             vae,
             scheduler: SchedulerSpec::unipc_flow(config.shift),
             device: device.clone(),
@@ -328,6 +415,7 @@ impl<B: Backend> DiffusionBackend<B> {
             release_after_use: options.release_after_use,
             lora,
         };
+        backend.check_channels(dir)?;
         backend.apply_lora(&options.loras, options.lora_partial)?;
         Ok(backend)
     }
@@ -393,6 +481,7 @@ impl<B: Backend> DiffusionBackend<B> {
             text: Offloaded::new("text encoder", text, device),
             model_pool: vec![Offloaded::new("transformer", dit, device)],
             boundary_ratio: None,
+            pipeline: PipelineKind::TextToVideo,
             vae,
             scheduler: SchedulerSpec::unipc_flow(3.0),
             device: device.clone(),
@@ -420,11 +509,12 @@ impl<B: Backend> DiffusionBackend<B> {
         let (sy, sx) = (vae_spatial * ph, vae_spatial * pw);
         if !params.height.is_multiple_of(sy) || !params.width.is_multiple_of(sx) {
             return bad(format!(
-                "height {} and width {} must be multiples of {sy} and {sx} for this model",
+                "height {} and width {} must be multiples of {sy} and {sx} for this model (its VAE's {vae_spatial} pixels per latent times the DiT's {ph}x{pw} patch)",
                 params.height, params.width
             ));
         }
-        let [_, _, t, h, w] = params.latent_shape(self.vae.config.z_dim);
+        self.check_pictures(params)?;
+        let [_, _, t, h, w] = params.latent_shape(self.vae.config.z_dim, vae_spatial);
         let grid = [t.div_ceil(pt), h / ph, w / pw];
         if grid.iter().any(|&g| g > dit.rope_max_seq_len) {
             return bad(format!(
@@ -448,6 +538,42 @@ impl<B: Backend> DiffusionBackend<B> {
         }
         // Last: the estimate reads the request's sizes, which the checks above bound.
         self.check_fits(params)
+    }
+
+    /// The pictures a request gives must fit the pipeline, and with resizing off, the size.
+    fn check_pictures(&self, params: &DiffusionUserParams) -> Result<(), GenError> {
+        let bad = |m: String| Err(GenError::Params(m));
+        let kind = self.pipeline;
+        match (&params.image, kind) {
+            (Some(_), PipelineKind::TextToVideo) => {
+                return bad(format!(
+                    "this model is {}: it takes no image (drop --image, or use an image-to-video model such as Wan2.2 TI2V-5B or I2V-A14B)",
+                    kind.describe()
+                ))
+            }
+            (None, PipelineKind::ImageToVideo) => {
+                return bad(format!(
+                    "this model is {}: it needs a picture to start from (--image PATH)",
+                    kind.describe()
+                ))
+            }
+            _ => {}
+        }
+        if params.last_image.is_some() {
+            if kind != PipelineKind::ImageToVideo {
+                return bad(format!(
+                    "a last image conditions image-to-video models that concatenate a condition video (I2V-A14B); this model is {}",
+                    kind.describe()
+                ));
+            }
+            if params.image.is_none() || params.num_frames < 2 {
+                return bad("a last image needs a first image (--image) and at least 5 frames".into());
+            }
+        }
+        for img in params.image.iter().chain(&params.last_image) {
+            img.check_size(params.width, params.height)?;
+        }
+        Ok(())
     }
 
     /// The memory level a request runs at: its own `low_mem`, or the backend's when higher.

@@ -87,10 +87,12 @@ pub struct ModelSizes {
     pub text: chitu_text::Umt5Config,
     /// The DiTs' shape (both experts share it).
     pub dit: Option<chitu_dit::WanDitConfig>,
-    /// The VAE's base width.
+    /// The VAE's base width (the wider of its encoder's and decoder's).
     pub vae_base_dim: usize,
     /// The VAE's latent channels.
     pub vae_z_dim: usize,
+    /// The VAE's pixels per latent (8, or 16 for Wan2.2's).
+    pub vae_spatial: usize,
     /// Whether the linear layers are held narrower than f32, so that each widens its weight into
     /// a buffer per thread as it runs.
     pub narrow: bool,
@@ -140,7 +142,7 @@ pub fn estimate_stages(
         + f32_bytes * (t.num_heads as u64) * l * l
         + widened(t.d_model, t.d_ff);
 
-    let [_, z, lt, lh, lw] = params.latent_shape(sizes.vae_z_dim);
+    let [_, z, lt, lh, lw] = params.latent_shape(sizes.vae_z_dim, sizes.vae_spatial);
     let latent = (z * lt * lh * lw) as u64 * f32_bytes;
     let dit_act = match &sizes.dit {
         Some(c) => {
@@ -210,8 +212,14 @@ impl<B: Backend> DiffusionBackend<B> {
             vae_weights: module_bytes(&self.vae),
             text: self.text.shell().1.clone(),
             dit: self.model_pool.first().map(|m| m.shell().clone()),
-            vae_base_dim: self.vae.config.base_dim,
+            vae_base_dim: self
+                .vae
+                .config
+                .decoder_base_dim
+                .unwrap_or(0)
+                .max(self.vae.config.base_dim),
             vae_z_dim: self.vae.config.z_dim,
+            vae_spatial: self.vae.config.spatial_factor(),
             narrow: self.dtype != chitu_store::Precision::F32 || self.weights != chitu_store::Weights::Float,
             lora_bytes: self.lora_report().delta_bytes,
         }

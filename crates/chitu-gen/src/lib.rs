@@ -21,10 +21,12 @@
 
 mod backend;
 mod check;
+mod condition;
 #[cfg(feature = "video")]
 mod encode;
 pub mod estimate;
 mod host_weights;
+mod image;
 mod lora;
 mod memory_plan;
 mod native;
@@ -38,15 +40,16 @@ mod pool;
 mod task;
 pub mod video;
 
-pub use backend::{DiffusionBackend, LoadOptions, MemoryLevel, TINY_WEIGHT_SEED};
+pub use backend::{DiffusionBackend, LoadOptions, MemoryLevel, PipelineKind, TINY_WEIGHT_SEED};
 pub use check::CacheCheck;
 pub use chitu_sched::StepList;
 pub use chitu_store::{Format, Precision, Weights};
 pub use estimate::{estimate_stages, EstimatedStage, MemoryEstimate, ModelSizes, StageEstimate};
 pub use host_weights::HostWeights;
+pub use image::{ConditionImage, ImageError};
 pub use lora::{Expert, LoraApplied, LoraReport, LoraSpec};
 pub use memory_plan::{plan_memory, BudgetSource, MemoryPlan, PlanLimits};
-pub use native::{is_wan_native, WanNativeConfig};
+pub use native::{is_wan_native, NativeDefaults, WanNativeConfig};
 pub use offload::{Offload, OffloadError, Offloaded, Patch, Reload};
 pub use parallel::UlyssesGroup;
 pub use params::DiffusionUserParams;
@@ -159,4 +162,7 @@ pub enum GenError {
     /// Taking the frames or writing an output file failed.
     #[error(transparent)]
     Output(#[from] VideoError),
+    /// A conditioning picture is missing, corrupt, or the wrong size with resizing off.
+    #[error(transparent)]
+    Image(#[from] ImageError),
 }

@@ -144,8 +144,9 @@ impl ModelSizes {
             vae_weights: held_bytes(&vae_shell, Cast::new(vae_dtype, chitu_vae::KEEP_F32)),
             text: text.clone(),
             dit: dits.first().cloned(),
-            vae_base_dim: vae.base_dim,
+            vae_base_dim: vae.decoder_base_dim.unwrap_or(0).max(vae.base_dim),
             vae_z_dim: vae.z_dim,
+            vae_spatial: vae.spatial_factor(),
             narrow: format != Format::F32,
             lora_bytes: 0,
         })

@@ -1,6 +1,6 @@
 //! What a user asks for, validated before any work starts.
 
-use crate::GenError;
+use crate::{ConditionImage, GenError};
 use chitu_cache::CacheConfig;
 use chitu_sched::{SolverKind, StepList};
 
@@ -18,9 +18,9 @@ pub struct DiffusionUserParams {
     pub negative_prompt: String,
     /// Seed of the initial noise.
     pub seed: u64,
-    /// Video height in pixels, a multiple of 16.
+    /// Video height in pixels, a multiple of 16 (32 for Wan2.2 TI2V-5B).
     pub height: usize,
-    /// Video width in pixels, a multiple of 16.
+    /// Video width in pixels, a multiple of 16 (32 for Wan2.2 TI2V-5B).
     pub width: usize,
     /// Must be `4k + 1`.
     pub num_frames: usize,
@@ -47,6 +47,12 @@ pub struct DiffusionUserParams {
     pub low_mem: u8,
     /// The FlexCache policy; none computes every block of every call.
     pub cache: Option<CacheConfig>,
+    /// The picture to start the video from: image-to-video on Wan2.2 TI2V-5B (optional there)
+    /// and I2V-A14B (required there). Fitted to `width x height` unless its resizing is off.
+    pub image: Option<ConditionImage>,
+    /// The picture to end the video on (diffusers' `last_image`, first-last-frame conditioning),
+    /// on models that concatenate a condition video (I2V-A14B).
+    pub last_image: Option<ConditionImage>,
 }
 
 impl Default for DiffusionUserParams {
@@ -68,6 +74,8 @@ impl Default for DiffusionUserParams {
             max_sequence_length: 512,
             low_mem: 0,
             cache: None,
+            image: None,
+            last_image: None,
         }
     }
 }
@@ -154,9 +162,16 @@ impl DiffusionUserParams {
         self.guidance_scale > 1.0
     }
 
-    /// The latent shape `[1, 16, (F - 1) / 4 + 1, H / 8, W / 8]` for a VAE of `z_dim` channels.
-    pub fn latent_shape(&self, z_dim: usize) -> [usize; 5] {
-        [1, z_dim, (self.num_frames - 1) / 4 + 1, self.height / 8, self.width / 8]
+    /// The latent shape `[1, z, (F - 1) / 4 + 1, H / s, W / s]` for a VAE of `z_dim` channels.
+    /// `spatial` is the VAE's pixels per latent (8 for Wan2.1's VAE, 16 for Wan2.2's).
+    pub fn latent_shape(&self, z_dim: usize, spatial: usize) -> [usize; 5] {
+        [
+            1,
+            z_dim,
+            (self.num_frames - 1) / 4 + 1,
+            self.height / spatial,
+            self.width / spatial,
+        ]
     }
 }
 

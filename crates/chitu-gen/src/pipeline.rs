@@ -8,6 +8,7 @@
 //! its video.
 
 use crate::backend::LoadOptions;
+use crate::condition::Condition;
 use crate::parallel::Parallel;
 use crate::task::{Denoising, State};
 use crate::{DiffusionBackend, DiffusionTask, DiffusionUserParams, GenError, MemoryLevel, Stage};
@@ -229,7 +230,7 @@ impl<B: Backend> Generator<B> {
             self.backend.text.release()?;
         }
         let scheduler = self.scheduler(p)?;
-        let shape = p.latent_shape(self.backend.vae.config.z_dim);
+        let shape = p.latent_shape(self.backend.vae.config.z_dim, self.backend.vae.config.spatial_factor());
         let latents = match task.initial_latents.take() {
             Some(l) if l.dims() == shape => l,
             Some(l) => {
@@ -240,6 +241,8 @@ impl<B: Backend> Generator<B> {
             }
             None => seeded_noise(p.seed, shape, &self.backend.device),
         };
+        // The pictures of image-to-video, through the VAE's encoder once for the whole loop.
+        let condition = Condition::build(&self.backend, p)?;
         task.start_latents = Some(latents.clone());
         task.state = State::Denoising(Denoising {
             cond,
@@ -247,6 +250,7 @@ impl<B: Backend> Generator<B> {
             latents,
             scheduler,
             step: 0,
+            condition,
         });
         Ok(())
     }
@@ -295,7 +299,11 @@ impl<B: Backend> Generator<B> {
             branch,
             expert,
         };
-        let latents = &d.latents;
+        // The DiT reads the latents with the request's pictures worked in (image-to-video).
+        let (input, first_frame) = match &d.condition {
+            Some(c) => c.model_input(&d.latents),
+            None => (d.latents.clone(), None),
+        };
         let mut calls = 0;
         let velocity = self.backend.dit(expert)?.with(|model| {
             let runner = self.runner(model);
@@ -305,8 +313,11 @@ impl<B: Backend> Generator<B> {
                 calls += 1;
                 let ctx = ctx.clone();
                 match cache {
-                    Some(policy) => policy.forward(&runner, call(branch), DitInput::new(latents.clone(), t, ctx)),
-                    None => runner.forward(latents.clone(), &[t], ctx, &mut chitu_dit::NoHook),
+                    Some(policy) => {
+                        let input = DitInput::new(input.clone(), t, ctx).with_first_frame(first_frame);
+                        policy.forward(&runner, call(branch), input)
+                    }
+                    None => runner.forward_at(input.clone(), &[t], first_frame, ctx, &mut chitu_dit::NoHook),
                 }
                 .map_err(|source| GenError::Denoise { step: d.step, source })
             };
@@ -340,7 +351,11 @@ impl<B: Backend> Generator<B> {
             let State::Denoising(d) = std::mem::replace(state, State::Encoding) else {
                 unreachable!("matched above")
             };
-            *state = State::Decoding { latents: d.latents };
+            let latents = match &d.condition {
+                Some(c) => c.finish(d.latents),
+                None => d.latents,
+            };
+            *state = State::Decoding { latents };
         }
         Ok(())
     }
@@ -364,6 +379,7 @@ impl<B: Backend> Generator<B> {
             latents,
             scheduler: self.scheduler(params)?,
             step: 0,
+            condition: Condition::build(&self.backend, params)?,
         };
         self.denoise_from(DiffusionTask::denoising(params.clone(), denoising, None)?)
     }

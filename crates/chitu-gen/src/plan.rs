@@ -82,7 +82,7 @@ impl<B: Backend> Generator<B> {
             }
             let uncond_here = if p.cfg() { uncond.clone() } else { None };
             let mut sched = self.scheduler(&p)?;
-            let shape = p.latent_shape(self.backend.vae.config.z_dim);
+            let shape = p.latent_shape(self.backend.vae.config.z_dim, self.backend.vae.config.spatial_factor());
             let mut step = 0;
             let latents = match stage_latents.last() {
                 None => match initial_latents.clone() {
@@ -119,6 +119,7 @@ impl<B: Backend> Generator<B> {
                 latents,
                 scheduler: sched,
                 step,
+                condition: None,
             };
             let task = DiffusionTask::denoising(p, denoising, Some((st.model, st.guidance_scale)))?;
             stage_latents.push(self.denoise_from(task)?);

@@ -44,6 +44,8 @@ pub(crate) struct Denoising<B: Backend> {
     pub scheduler: Box<dyn Scheduler<B>>,
     /// Steps taken.
     pub step: usize,
+    /// What the request's pictures add to every DiT call.
+    pub condition: Option<crate::condition::Condition<B>>,
 }
 
 /// The stage and the data only that stage has.

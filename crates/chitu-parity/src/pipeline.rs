@@ -4,7 +4,8 @@ use super::tensors::HostTensor;
 use super::{Case, ParityError};
 use burn::tensor::backend::Backend;
 use chitu_gen::{
-    video_to_frames, DiffusionBackend, DiffusionTask, DiffusionUserParams, Expert, Generator, LoadOptions, LoraSpec,
+    video_to_frames, ConditionImage, DiffusionBackend, DiffusionTask, DiffusionUserParams, Expert, Generator,
+    LoadOptions, LoraSpec,
 };
 
 /// The request a `pipeline` case describes: its `params`, and its `cache` when it has one.
@@ -22,7 +23,18 @@ pub fn params(case: &Case) -> Result<DiffusionUserParams, ParityError> {
             .ok_or_else(|| ParityError::Case(format!("case {}: params.{k} missing or not a number", case.name)))
     };
     let get_s = |k: &str| p.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
+    // Pictures are PNG paths relative to the fixture root.
+    let picture = |k: &str| -> Result<Option<ConditionImage>, ParityError> {
+        match p.get(k).and_then(|v| v.as_str()) {
+            None => Ok(None),
+            Some(path) => ConditionImage::open(case.root.join(path))
+                .map(Some)
+                .map_err(|e| ParityError::Case(format!("case {}: params.{k}: {e}", case.name))),
+        }
+    };
     Ok(DiffusionUserParams {
+        image: picture("image")?,
+        last_image: picture("last_image")?,
         prompt: get_s("prompt"),
         negative_prompt: get_s("negative_prompt"),
         height: get_u("height")?,
