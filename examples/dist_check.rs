@@ -4,17 +4,21 @@
 //! cargo run --release --example dist_check -- tests/fixtures/parity [--world 4]
 //! mpirun -np 2 target/release/examples/dist_check tests/fixtures/parity   # built with --features mpi
 //! ```
-//! For every layout the world allows (cfg 1 or 2 times cp), runs the `pipeline_t2v_wan21` and
-//! `pipeline_t2v_wan22` cases and a 48x48 request whose 18 tokens no even group divides, and
-//! compares the final latents with a single-device run (rel_l2 <= 1e-5). Rank 0 prints one line
-//! per check and `N passed, M failed`; the exit code is non-zero on any failure.
+//! For every layout the world allows (cfg 1 or 2 times cp), runs every `pipeline` case of the
+//! folder that has neither a cache nor LoRAs (Wan2.1, Wan2.2-A14B, TI2V-5B with and without a
+//! picture, I2V-A14B), and on the first of them a request three patches on a side (48x48 for an 8x
+//! VAE), whose odd token count no even group divides; it compares the final latents with a
+//! single-device run (rel_l2 <= 1e-5). Rank 0 prints one line per check and `N passed, M failed`;
+//! the exit code is non-zero on any failure.
 
 use burn::tensor::Tensor;
 use chitu::dist::{run_local, Communicator, Layout, Mesh};
-use chitu::pipeline::{seeded_noise, DiffusionBackend, DiffusionTask, DiffusionUserParams, Generator, Stage};
+use chitu::pipeline::{
+    seeded_noise, DiffusionBackend, DiffusionTask, DiffusionUserParams, Generator, PipelineKind, Stage,
+};
 use chitu::{rank_device, DefaultBackend as B};
 use chitu_parity::tensors::{fold_shape, rel_l2};
-use chitu_parity::{pipeline, Case};
+use chitu_parity::{list_cases, pipeline, Case};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -22,42 +26,59 @@ use std::sync::Arc;
 type AnyError = Box<dyn std::error::Error + Send + Sync>;
 const TOL: f64 = 1e-5;
 
-/// A model folder, a request and its starting latents.
+/// A model folder, a request and its starting latents (drawn from the request's seed when the
+/// check has none).
 struct Check {
     name: String,
     model: PathBuf,
     params: DiffusionUserParams,
-    init: Vec<f32>,
-    shape: [usize; 5],
+    init: Option<(Vec<f32>, [usize; 5])>,
 }
 
 fn checks(root: &Path) -> Result<Vec<Check>, AnyError> {
     let mut out = Vec::new();
-    for name in ["pipeline_t2v_wan21", "pipeline_t2v_wan22"] {
-        let case = Case::load(root, name)?;
+    for name in list_cases(root, &[])? {
+        let case = Case::load(root, &name)?;
+        if case.kind()? != "pipeline" || case.json.get("cache").is_some() || case.json.get("loras").is_some() {
+            continue;
+        }
         let init = case.tensor("initial_latents")?;
         out.push(Check {
-            name: name.into(),
+            name,
             model: root.join(case.field("model")?.as_str().ok_or("model is not a string")?),
             params: pipeline::params(&case)?,
-            init: init.as_f32("initial_latents")?.to_vec(),
-            shape: fold_shape(&init.shape),
+            init: Some((init.as_f32("initial_latents")?.to_vec(), fold_shape(&init.shape))),
         });
     }
-    let first = &out[0];
-    let shape = [1, 16, 2, 6, 6];
-    let noise = seeded_noise::<B>(7, shape, &rank_device(0));
+    // Preferably a TI2V picture case: its frame-0 tokens then end inside a rank's share.
+    let mut base = None;
+    for check in &out {
+        let backend = DiffusionBackend::<B>::from_dir(&check.model, &rank_device(0))?;
+        let ti2v = backend.pipeline == PipelineKind::TextImageToVideo && check.params.image.is_some();
+        if base.is_none() || ti2v {
+            base = Some((check, backend));
+        }
+        if ti2v {
+            break;
+        }
+    }
+    let (first, backend) = base.ok_or("the folder has no pipeline case without a cache or LoRAs")?;
+    // Three patches on a side and three latent frames: 27 tokens, which no even group divides
+    // and whose first frame's 9 end inside the first share of two.
+    let [_, ph, _] = backend.dit(0)?.shell().patch_size;
+    let side = 3 * ph * backend.vae.config.spatial_factor();
     out.push(Check {
-        name: "wan21_48x48_18_tokens".into(),
+        name: format!("{}_{side}x{side}_odd_tokens", first.name),
         model: first.model.clone(),
         params: DiffusionUserParams {
-            height: 48,
-            width: 48,
+            height: side,
+            width: side,
+            num_frames: 9,
             num_inference_steps: 4,
+            seed: 7,
             ..first.params.clone()
         },
-        init: noise.into_data().to_vec()?,
-        shape,
+        init: None,
     });
     Ok(out)
 }
@@ -65,11 +86,18 @@ fn checks(root: &Path) -> Result<Vec<Check>, AnyError> {
 /// The final latents of `check` on this rank (`mesh` None: one device).
 fn latents(check: &Check, mesh: Option<Mesh>, device: &burn::tensor::Device<B>) -> Result<Vec<f32>, AnyError> {
     let backend = DiffusionBackend::<B>::from_dir(&check.model, device)?;
+    let vae = backend.vae.config.clone();
     let gen = match mesh {
         Some(mesh) => Generator::new(backend).with_mesh(mesh),
         None => Generator::new(backend),
     };
-    let init = Tensor::<B, 1>::from_floats(check.init.as_slice(), device).reshape(check.shape);
+    let init = match &check.init {
+        Some((data, shape)) => Tensor::<B, 1>::from_floats(data.as_slice(), device).reshape(*shape),
+        None => {
+            let shape = check.params.latent_shape(vae.z_dim, vae.spatial_factor());
+            seeded_noise::<B>(check.params.seed, shape, device)
+        }
+    };
     let mut task = DiffusionTask::<B>::from_user_request(check.params.clone())?.with_initial_latents(init);
     while task.stage() != Stage::VaeDecode {
         gen.generate_step(&mut task)?;
@@ -95,7 +123,7 @@ fn run_rank(root: &Path, world: Arc<dyn Communicator>) -> Result<(Vec<String>, u
             let ok = err <= TOL;
             failed += usize::from(!ok);
             lines.push(format!(
-                "{:<24} cfg {} x cp {}  rel_l2 {err:.3e}  tol {TOL:e}  {}",
+                "{:<32} cfg {} x cp {}  rel_l2 {err:.3e}  tol {TOL:e}  {}",
                 check.name,
                 layout.cfg,
                 layout.cp,

@@ -23,7 +23,7 @@ fn host(t: Tensor<B, 5>) -> Vec<f32> {
 
 #[test]
 fn every_vae_output_matches_diffusers() {
-    for name in ["vae_decode", "vae_encode", "vae_decode_tiled"] {
+    for name in ["vae_decode", "vae_encode", "vae_decode_tiled", "vae22_decode", "vae22_encode"] {
         let case = Case::load(&fixtures(), name).unwrap();
         for (out_name, out) in vae::outputs::<B>(&case, &default_device()).unwrap() {
             let e = chitu_parity::tensors::compare(out_name, &out, case.tensor(out_name).unwrap()).unwrap();
@@ -146,4 +146,78 @@ fn wan_vae_checkpoint_layout_loads_to_the_same_model() {
     .unwrap()
     .to_string();
     assert!(e.contains("unexpected keys") || e.contains("missing keys"), "{e}");
+}
+
+fn vae22() -> WanVae<B> {
+    WanVae::from_dir(fixtures().join("models/wan22_ti2v/vae"), &default_device()).unwrap()
+}
+
+#[test]
+fn wan22_vae_checkpoint_layout_loads_to_the_same_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixtures().join("models/wan22_ti2v/vae");
+    let ckpt = dir.path().join("Wan2.2_VAE.safetensors");
+    let config: chitu::vae::WanVaeConfig =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    common::write_wan_vae_as(&fixtures().join("models/wan22_ti2v"), &ckpt, Some(config.num_res_blocks));
+    let bytes = std::fs::read(&ckpt).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert!(st.names().contains(&"encoder.downsamples.1.downsamples.1.time_conv.weight"));
+    assert!(st.names().contains(&"decoder.upsamples.0.upsamples.0.residual.2.weight"));
+
+    let dev = default_device();
+    let wan = WanVae::<B>::from_wan_checkpoint(&ckpt, config, &dev).unwrap();
+    let z = Tensor::<B, 5>::random([1, 48, 2, 2, 2], Distribution::Normal(0.0, 1.0), &dev);
+    assert_eq!(host(wan.decode(z.clone()).unwrap()), host(vae22().decode(z).unwrap()));
+}
+
+/// The Wan2.2 VAE's 2x2 patchify makes it 16x: sizes that 16 does not divide are refused, and
+/// tiled decodes and encodes blend in the patchify's units as diffusers does. The references are
+/// diffusers' (`tests/fixtures/extra/make_vae22_tiled.py`; the parity folder has no such case).
+#[test]
+fn wan22_vae_shapes_and_tiles_match_diffusers() {
+    let v = vae22();
+    let dev = default_device();
+    assert_eq!(v.config.spatial_factor(), 16);
+    let e = v.encode(Tensor::zeros([1, 3, 1, 24, 32], &dev)).unwrap_err().to_string();
+    assert!(e.contains("24x32") && e.contains("16"), "{e}");
+    let e = v.encode(Tensor::zeros([1, 12, 1, 32, 32], &dev)).unwrap_err().to_string();
+    assert!(e.contains("12 channels"), "{e}");
+
+    let refs = chitu_parity::tensors::load_safetensors(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/extra/vae22_tiled.safetensors"),
+    )
+    .unwrap();
+    let load = |name: &str| -> (Tensor<B, 5>, Vec<f32>) {
+        let t = &refs[name];
+        (t.to_backend::<B, 5>(name, &dev).unwrap(), t.as_f32(name).unwrap().to_vec())
+    };
+    let tiles = TileConfig {
+        min_height: 64,
+        min_width: 64,
+        stride_height: 48,
+        stride_width: 48,
+    };
+    let (z, _) = load("latents");
+    let check = |what: &str, got: Tensor<B, 5>, reference: &str| {
+        let err = rel_l2(&host(got), &load(reference).1);
+        assert!(err <= 1e-4, "{what}: rel_l2 {err}");
+    };
+    check("plain decode", v.decode(z.clone()).unwrap(), "video_untiled");
+    check("tiled decode", v.decode_tiled(z, tiles).unwrap(), "video_tiled");
+    let (video, _) = load("video_in");
+    check("tiled encode", v.encode_tiled(video, tiles).unwrap().mean, "encoded_tiled_mean");
+}
+
+#[test]
+fn wan22_vae_configs_that_do_not_fit_are_refused() {
+    let mut c = chitu::vae::WanVaeConfig::wan22();
+    c.in_channels = 10;
+    let e = c.validate().unwrap_err().to_string();
+    assert!(e.contains("in_channels 10") && e.contains("patch_size^2 = 4"), "{e}");
+    let mut c = chitu::vae::WanVaeConfig::wan22();
+    c.base_dim = 7;
+    c.dim_mult = vec![1, 3, 4, 4];
+    let e = c.validate().unwrap_err().to_string();
+    assert!(e.contains("encoder stage"), "{e}");
 }

@@ -133,10 +133,23 @@ impl ModelArgs {
         }
     }
 
-    /// The defaults a request starts from: Wan2.1's for a folder, the embedded model's own small
-    /// size otherwise.
+    /// The defaults a request starts from: for a Wan release folder, its Wan config's (steps,
+    /// guidance, frames, size); diffusers' (Wan2.1's) for a diffusers folder; the embedded
+    /// model's own small size otherwise.
     pub fn defaults(&self) -> DiffusionUserParams {
         match &self.model_dir {
+            Some(dir) if crate::pipeline::is_wan_native(dir) => {
+                let d = crate::pipeline::WanNativeConfig::for_dir(dir).defaults;
+                DiffusionUserParams {
+                    num_inference_steps: d.steps,
+                    guidance_scale: d.guidance,
+                    guidance_scale_2: d.guidance_2,
+                    num_frames: d.frames,
+                    height: d.size.0,
+                    width: d.size.1,
+                    ..DiffusionUserParams::default()
+                }
+            }
             Some(_) => DiffusionUserParams::default(),
             None => DiffusionUserParams::tiny(String::new()),
         }

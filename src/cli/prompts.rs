@@ -125,6 +125,9 @@ impl RequestArgs {
                 "max_sequence_length" => r.max_sequence_length = Some(count()?),
                 "cache" => r.cache = Some(if v.is_object() { v.to_string() } else { text()? }),
                 "cache_threshold" => r.cache_threshold = Some(number()?),
+                "image" => r.image = Some(text()?.into()),
+                "last_image" => r.last_image = Some(text()?.into()),
+                "no_resize" => r.no_resize = v.as_bool().ok_or_else(|| bad("true or false"))?,
                 other => return Err(FieldError::new(other, format!("unknown field {other:?}"))),
             }
         }

@@ -180,6 +180,15 @@ impl Service {
         let Value::Object(fields) = body else {
             return Err(FieldError::new("body", "the body must be a JSON object"));
         };
+        // A path in a request would read the server's files; pictures need an upload first.
+        for key in ["image", "last_image"] {
+            if fields.contains_key(key) {
+                return Err(FieldError::new(
+                    key,
+                    format!("{key}: the job service does not take pictures yet; run `chitu generate --image PATH`"),
+                ));
+            }
+        }
         let args = RequestArgs::empty().with_json(fields, &["loras"])?;
         let params = args
             .params(self.defaults.clone(), self.low_mem)

@@ -91,12 +91,45 @@ pub fn to_wan_vae_key(key: &str) -> String {
     k
 }
 
-/// Writes a diffusers folder's VAE in Wan's `vae.py` key layout to `path`.
-pub fn write_wan_vae(pipeline_dir: &Path, path: &Path) {
+/// diffusers VAE key → Wan's `vae2_2.py` key, for a Wan2.2 VAE with `res` residual blocks per
+/// encoder stage: each stage nests its layers (`downsamples.S.downsamples.N`), resampler last.
+pub fn to_wan22_vae_key(key: &str, res: usize) -> String {
+    let mut k = key.to_string();
+    for (a, b) in [
+        (".downsampler.", &format!(".downsamples.{res}.")[..]),
+        (".upsampler.", &format!(".upsamples.{}.", res + 1)[..]),
+    ] {
+        k = k.replace(a, b);
+    }
+    k = k
+        .replacen("encoder.down_blocks.", "encoder.downsamples.", 1)
+        .replacen("decoder.up_blocks.", "decoder.upsamples.", 1);
+    if k.starts_with("encoder.downsamples.") {
+        k = k.replace(".resnets.", ".downsamples.");
+    }
+    if k.starts_with("decoder.upsamples.") {
+        k = k.replace(".resnets.", ".upsamples.");
+    }
+    // The rest is named as in Wan2.1 (the flat decoder list aside, which Wan2.2 does not have).
+    to_wan_vae_key(&k)
+}
+
+/// Writes a diffusers folder's VAE in Wan's own key layout to `path` (`vae.py`'s, or
+/// `vae2_2.py`'s with `wan22_res`, the residual blocks per encoder stage).
+pub fn write_wan_vae_as(pipeline_dir: &Path, path: &Path, wan22_res: Option<usize>) {
     let bytes = std::fs::read(pipeline_dir.join("vae/diffusion_pytorch_model.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let renamed: Vec<(String, TensorView)> = st.tensors().into_iter().map(|(k, v)| (to_wan_vae_key(&k), v)).collect();
+    let rename = |k: &str| match wan22_res {
+        Some(res) => to_wan22_vae_key(k, res),
+        None => to_wan_vae_key(k),
+    };
+    let renamed: Vec<(String, TensorView)> = st.tensors().into_iter().map(|(k, v)| (rename(&k), v)).collect();
     safetensors::serialize_to_file(renamed, None, path).unwrap();
+}
+
+/// Writes a diffusers folder's VAE in Wan's `vae.py` key layout to `path`.
+pub fn write_wan_vae(pipeline_dir: &Path, path: &Path) {
+    write_wan_vae_as(pipeline_dir, path, None)
 }
 
 /// Decodes every sample of the MP4's video track; returns (frames decoded, width, height).

@@ -337,6 +337,8 @@ fn sidecar(params: &DiffusionUserParams, timings: &StageTimings, model: &str, fi
             "shift": params.shift,
             "max_sequence_length": params.max_sequence_length,
             "cache": params.cache,
+            "image": params.image.as_ref().map(|i| i.source.display().to_string()),
+            "last_image": params.last_image.as_ref().map(|i| i.source.display().to_string()),
         },
         "timings_s": {
             "text_encode": timings.text_encode,
