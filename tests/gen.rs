@@ -254,7 +254,7 @@ fn a_wan_release_folder_generates_what_the_diffusers_folder_does() {
         text: serde_json::from_str(&read(model("wan21").join("text_encoder/config.json"))).unwrap(),
         vae: serde_json::from_str(&read(model("wan21").join("vae/config.json"))).unwrap(),
         shift: 3.0,
-        boundary_ratio: None,
+        ..chitu::pipeline::WanNativeConfig::wan21_t2v()
     };
     // With the right VAE, the UMT5-XXL preset still refuses the tiny text checkpoint, by name.
     let xxl_text = chitu::pipeline::WanNativeConfig {

@@ -24,7 +24,11 @@ const SMALL: [&str; 6] = ["--frames", "5", "--steps", "2", "--max-sequence-lengt
 fn run_ok(args: &[&str]) -> (tempfile::TempDir, serde_json::Value) {
     let out = tempfile::tempdir().unwrap();
     let run = generate(args, out.path());
-    assert!(run.status.success(), "{args:?}:\n{}", String::from_utf8_lossy(&run.stderr));
+    assert!(
+        run.status.success(),
+        "{args:?}:\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
     let meta = std::fs::read_dir(out.path())
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -46,23 +50,76 @@ fn mp4_in(dir: &Path) -> PathBuf {
 fn ti2v_and_i2v_make_videos_from_a_picture() {
     let ti2v = model("wan22_ti2v");
     let img = picture("ti2v_public.png");
-    let mut args = vec!["--model-dir", &ti2v, "--prompt", "a cat", "--height", "64", "--width", "64", "--image", &img];
+    let mut args = vec![
+        "--model-dir",
+        &ti2v,
+        "--prompt",
+        "a cat",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--image",
+        &img,
+    ];
     args.extend(SMALL);
     let (out, meta) = run_ok(&args);
     assert_eq!(decode_mp4(&mp4_in(out.path())), (5, 64, 64));
-    assert!(meta["params"]["image"].as_str().unwrap().ends_with("ti2v_public.png"), "{meta}");
+    assert!(
+        meta["params"]["image"].as_str().unwrap().ends_with("ti2v_public.png"),
+        "{meta}"
+    );
+
+    // Every cache policy takes frame 0's own timestep through its DiT calls.
+    for cache in ["teacache", "pab", "first_block_cache", "taylorseer"] {
+        let mut with_cache = args[..args.len() - SMALL.len()].to_vec();
+        with_cache.extend([
+            "--frames",
+            "5",
+            "--steps",
+            "6",
+            "--max-sequence-length",
+            "24",
+            "--cache",
+            cache,
+        ]);
+        run_ok(&with_cache);
+    }
 
     // The same model without a picture is text-to-video.
-    let mut args = vec!["--model-dir", &ti2v, "--prompt", "a cat", "--height", "64", "--width", "64"];
+    let mut args = vec![
+        "--model-dir",
+        &ti2v,
+        "--prompt",
+        "a cat",
+        "--height",
+        "64",
+        "--width",
+        "64",
+    ];
     args.extend(SMALL);
     run_ok(&args);
 
-    // I2V-A14B from its 32x32 picture at 64x48: scaled to cover and center-cropped.
+    // I2V-A14B from its 32x32 picture at 64x48: scaled to cover and center-cropped; at
+    // low-mem 3, the inactive expert and the text encoder off the device, the decode tiled.
     let i2v = model("wan22_i2v");
     let img = picture("i2v_public.png");
     let last = picture("ti2v_public.png");
     let mut args = vec![
-        "--model-dir", &i2v, "--prompt", "a cat", "--height", "48", "--width", "64", "--image", &img, "--last-image", &last,
+        "--model-dir",
+        &i2v,
+        "--prompt",
+        "a cat",
+        "--height",
+        "48",
+        "--width",
+        "64",
+        "--image",
+        &img,
+        "--last-image",
+        &last,
+        "--low-mem",
+        "3",
     ];
     args.extend(SMALL);
     let (out, _) = run_ok(&args);
@@ -92,10 +149,23 @@ fn bad_image_requests_are_refused_naming_the_problem() {
     let missing = dir.path().join("missing.png").display().to_string();
     let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
         (vec!["--model-dir", &ti2v, "--image", &missing], vec!["missing.png"]),
-        (vec!["--model-dir", &ti2v, "--image", &corrupt], vec!["corrupt.png", "not a readable PNG or JPEG"]),
+        (
+            vec!["--model-dir", &ti2v, "--image", &corrupt],
+            vec!["corrupt.png", "not a readable PNG or JPEG"],
+        ),
         // A 32x32 picture for a 64x64 request with resizing off.
         (
-            vec!["--model-dir", &ti2v, "--image", &img, "--no-resize", "--height", "64", "--width", "64"],
+            vec![
+                "--model-dir",
+                &ti2v,
+                "--image",
+                &img,
+                "--no-resize",
+                "--height",
+                "64",
+                "--width",
+                "64",
+            ],
             vec!["32x32", "64x64", "resizing is off"],
         ),
         // TI2V sizes are multiples of 32 (16x VAE, 2x patch).
@@ -103,7 +173,10 @@ fn bad_image_requests_are_refused_naming_the_problem() {
             vec!["--model-dir", &ti2v, "--height", "48", "--width", "64"],
             vec!["height 48", "multiples of 32"],
         ),
-        (vec!["--model-dir", &t2v, "--image", &img], vec!["text-to-video", "takes no image"]),
+        (
+            vec!["--model-dir", &t2v, "--image", &img],
+            vec!["text-to-video", "takes no image"],
+        ),
         (vec!["--model-dir", &i2v], vec!["image-to-video", "--image"]),
         (
             vec!["--model-dir", &ti2v, "--image", &img, "--last-image", &img],
@@ -138,7 +211,18 @@ fn a_transformer_that_does_not_fit_the_pipeline_is_refused() {
     std::fs::write(&index, json.to_string()).unwrap();
     let img = picture("i2v_public.png");
     let m = dir.path().display().to_string();
-    let mut args = vec!["--model-dir", &m, "--image", &img, "--prompt", "x", "--height", "32", "--width", "32"];
+    let mut args = vec![
+        "--model-dir",
+        &m,
+        "--image",
+        &img,
+        "--prompt",
+        "x",
+        "--height",
+        "32",
+        "--width",
+        "32",
+    ];
     args.extend(SMALL);
     assert_refused(&args, &["takes 16 channels", "image-to-video", "needs 36"]);
 }

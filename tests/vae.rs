@@ -23,7 +23,13 @@ fn host(t: Tensor<B, 5>) -> Vec<f32> {
 
 #[test]
 fn every_vae_output_matches_diffusers() {
-    for name in ["vae_decode", "vae_encode", "vae_decode_tiled", "vae22_decode", "vae22_encode"] {
+    for name in [
+        "vae_decode",
+        "vae_encode",
+        "vae_decode_tiled",
+        "vae22_decode",
+        "vae22_encode",
+    ] {
         let case = Case::load(&fixtures(), name).unwrap();
         for (out_name, out) in vae::outputs::<B>(&case, &default_device()).unwrap() {
             let e = chitu_parity::tensors::compare(out_name, &out, case.tensor(out_name).unwrap()).unwrap();
@@ -159,11 +165,19 @@ fn wan22_vae_checkpoint_layout_loads_to_the_same_model() {
     let ckpt = dir.path().join("Wan2.2_VAE.safetensors");
     let config: chitu::vae::WanVaeConfig =
         serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
-    common::write_wan_vae_as(&fixtures().join("models/wan22_ti2v"), &ckpt, Some(config.num_res_blocks));
+    common::write_wan_vae_as(
+        &fixtures().join("models/wan22_ti2v"),
+        &ckpt,
+        Some(config.num_res_blocks),
+    );
     let bytes = std::fs::read(&ckpt).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    assert!(st.names().contains(&"encoder.downsamples.1.downsamples.1.time_conv.weight"));
-    assert!(st.names().contains(&"decoder.upsamples.0.upsamples.0.residual.2.weight"));
+    assert!(st
+        .names()
+        .contains(&"encoder.downsamples.1.downsamples.1.time_conv.weight"));
+    assert!(st
+        .names()
+        .contains(&"decoder.upsamples.0.upsamples.0.residual.2.weight"));
 
     let dev = default_device();
     let wan = WanVae::<B>::from_wan_checkpoint(&ckpt, config, &dev).unwrap();
@@ -179,9 +193,15 @@ fn wan22_vae_shapes_and_tiles_match_diffusers() {
     let v = vae22();
     let dev = default_device();
     assert_eq!(v.config.spatial_factor(), 16);
-    let e = v.encode(Tensor::zeros([1, 3, 1, 24, 32], &dev)).unwrap_err().to_string();
+    let e = v
+        .encode(Tensor::zeros([1, 3, 1, 24, 32], &dev))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("24x32") && e.contains("16"), "{e}");
-    let e = v.encode(Tensor::zeros([1, 12, 1, 32, 32], &dev)).unwrap_err().to_string();
+    let e = v
+        .encode(Tensor::zeros([1, 12, 1, 32, 32], &dev))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("12 channels"), "{e}");
 
     let refs = chitu_parity::tensors::load_safetensors(
@@ -190,7 +210,10 @@ fn wan22_vae_shapes_and_tiles_match_diffusers() {
     .unwrap();
     let load = |name: &str| -> (Tensor<B, 5>, Vec<f32>) {
         let t = &refs[name];
-        (t.to_backend::<B, 5>(name, &dev).unwrap(), t.as_f32(name).unwrap().to_vec())
+        (
+            t.to_backend::<B, 5>(name, &dev).unwrap(),
+            t.as_f32(name).unwrap().to_vec(),
+        )
     };
     let tiles = TileConfig {
         min_height: 64,
@@ -206,7 +229,11 @@ fn wan22_vae_shapes_and_tiles_match_diffusers() {
     check("plain decode", v.decode(z.clone()).unwrap(), "video_untiled");
     check("tiled decode", v.decode_tiled(z, tiles).unwrap(), "video_tiled");
     let (video, _) = load("video_in");
-    check("tiled encode", v.encode_tiled(video, tiles).unwrap().mean, "encoded_tiled_mean");
+    check(
+        "tiled encode",
+        v.encode_tiled(video, tiles).unwrap().mean,
+        "encoded_tiled_mean",
+    );
 }
 
 #[test]

@@ -101,9 +101,11 @@ pub fn to_wan22_vae_key(key: &str, res: usize) -> String {
     ] {
         k = k.replace(a, b);
     }
-    k = k
-        .replacen("encoder.down_blocks.", "encoder.downsamples.", 1)
-        .replacen("decoder.up_blocks.", "decoder.upsamples.", 1);
+    k = k.replacen("encoder.down_blocks.", "encoder.downsamples.", 1).replacen(
+        "decoder.up_blocks.",
+        "decoder.upsamples.",
+        1,
+    );
     if k.starts_with("encoder.downsamples.") {
         k = k.replace(".resnets.", ".downsamples.");
     }

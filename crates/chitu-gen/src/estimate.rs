@@ -166,6 +166,18 @@ pub fn estimate_stages(
     let rows = if memory.tiled_decode() { h.min(TILE_ROWS) } else { h };
     let width = sizes.vae_base_dim as u64;
     let vae_act = (VAE_FIXED + VAE_BYTES_PER_PIXEL * rows * w) * width / VAE_WIDTH + 2 * video;
+    // Image-to-video encodes its pictures in the encode stage, untiled: TI2V-5B (the model with
+    // the 16x Wan2.2 VAE) one frame, I2V-A14B (Wan2.1's VAE) the whole condition video. Bounded
+    // by the untiled decode's model at that size.
+    let picture_frames = match (&params.image, &params.last_image) {
+        (None, _) => 0,
+        (Some(_), _) if sizes.vae_spatial > 8 => 1,
+        (Some(_), _) => params.num_frames as u64,
+    };
+    let encode_act = match picture_frames {
+        0 => 0,
+        n => (VAE_FIXED + VAE_BYTES_PER_PIXEL * h * w) * width / VAE_WIDTH + 2 * 3 * n * h * w * f32_bytes,
+    };
 
     let resident_text = |active: bool| if active || !text_away { text_w } else { 0 };
     let resident_dits = if dits_away { 0 } else { dit_sum };
@@ -183,7 +195,7 @@ pub fn estimate_stages(
         stage(
             EstimatedStage::TextEncode,
             resident_text(true) + resident_dits,
-            text_act,
+            text_act.max(encode_act),
         ),
         stage(
             EstimatedStage::Denoise,

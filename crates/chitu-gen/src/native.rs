@@ -166,3 +166,39 @@ pub(crate) fn find(dir: &Path, names: &[&str]) -> Result<PathBuf, GenError> {
             message: format!("none of {} found", names.join(", ")),
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each Wan2.2 release is told apart by what its folder holds, as Wan's own `generate.py`
+    /// is told by `--task`.
+    #[test]
+    fn release_folders_pick_their_wan_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        assert_eq!(WanNativeConfig::for_dir(d), WanNativeConfig::wan21_t2v());
+        std::fs::create_dir(d.join("high_noise_model")).unwrap();
+        assert_eq!(WanNativeConfig::for_dir(d), WanNativeConfig::wan22_t2v_a14b());
+        std::fs::write(
+            d.join("high_noise_model/config.json"),
+            r#"{"model_type": "i2v", "in_dim": 36}"#,
+        )
+        .unwrap();
+        let i2v = WanNativeConfig::for_dir(d);
+        assert_eq!(i2v, WanNativeConfig::wan22_i2v_a14b());
+        assert_eq!(
+            (i2v.shift, i2v.boundary_ratio, i2v.defaults.steps),
+            (5.0, Some(0.9), 40)
+        );
+        std::fs::write(d.join("Wan2.2_VAE.pth"), b"").unwrap();
+        let ti2v = WanNativeConfig::for_dir(d);
+        assert_eq!(ti2v.pipeline, crate::PipelineKind::TextImageToVideo);
+        assert_eq!(
+            (ti2v.vae.z_dim, ti2v.vae.spatial_factor(), ti2v.defaults.frames),
+            (48, 16, 121)
+        );
+        assert_eq!(WanNativeConfig::by_name("ti2v-5B"), Some(ti2v));
+        assert_eq!(WanNativeConfig::by_name("x"), None);
+    }
+}

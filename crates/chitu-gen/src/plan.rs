@@ -119,7 +119,8 @@ impl<B: Backend> Generator<B> {
                 latents,
                 scheduler: sched,
                 step,
-                condition: None,
+                // A picture conditions every stage, fitted to the stage's size.
+                condition: crate::condition::Condition::build(&self.backend, &p)?,
             };
             let task = DiffusionTask::denoising(p, denoising, Some((st.model, st.guidance_scale)))?;
             stage_latents.push(self.denoise_from(task)?);

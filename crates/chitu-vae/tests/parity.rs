@@ -4,6 +4,7 @@
 
 #[test]
 fn vae_encode_and_decode_cases_match_the_references() {
-    chitu_parity::assert_cases_pass(&["vae_"]);
-    chitu_parity::assert_cases_pass_at_reduced_precision(&["vae_"]);
+    // `vae_` is Wan2.1's VAE, `vae22_` Wan2.2's.
+    chitu_parity::assert_cases_pass(&["vae_", "vae22_"]);
+    chitu_parity::assert_cases_pass_at_reduced_precision(&["vae_", "vae22_"]);
 }
