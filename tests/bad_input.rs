@@ -328,3 +328,33 @@ fn ctrl_c_stops_at_a_step_boundary_and_writes_nothing() {
     );
     assert!(files_in(out.path()).is_empty(), "left {:?}", files_in(out.path()));
 }
+
+/// A transformer whose channels do not fit the folder's pipeline is refused at load, naming both:
+/// wan21's folder, claiming to be image-to-video, has a 16-channel DiT that cannot take the 36.
+#[test]
+fn a_transformer_that_does_not_fit_the_pipeline_is_refused() {
+    let dir = model_with("wan21", |d| {
+        edit_json(&d.join("model_index.json"), |j| {
+            j["_class_name"] = "WanImageToVideoPipeline".into()
+        })
+    });
+    let out = tempfile::tempdir().unwrap();
+    let img = fixture_model("../images/i2v_public.png");
+    let args = [
+        "--model-dir",
+        &dir.path().to_string_lossy(),
+        "--image",
+        &img.to_string_lossy(),
+        "--prompt",
+        "x",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--frames",
+        "5",
+        "--steps",
+        "2",
+    ];
+    assert_refused(&args, out.path(), &["takes 16 channels", "image-to-video", "needs 36"]);
+}

@@ -87,18 +87,8 @@ fn ti2v_and_i2v_make_videos_from_a_picture() {
     }
 
     // The same model without a picture is text-to-video.
-    let mut args = vec![
-        "--model-dir",
-        &ti2v,
-        "--prompt",
-        "a cat",
-        "--height",
-        "64",
-        "--width",
-        "64",
-    ];
-    args.extend(SMALL);
-    run_ok(&args);
+    let without: Vec<&str> = args.iter().copied().filter(|a| *a != "--image" && *a != img).collect();
+    run_ok(&without);
 
     // I2V-A14B from its 32x32 picture at 64x48: scaled to cover and center-cropped; at
     // low-mem 3, the inactive expert and the text encoder off the device, the decode tiled.
@@ -192,50 +182,4 @@ fn bad_image_requests_are_refused_naming_the_problem() {
         }
         assert_refused(&args, &needles);
     }
-}
-
-/// A transformer whose channels do not fit the pipeline is refused at load, naming both.
-#[test]
-fn a_transformer_that_does_not_fit_the_pipeline_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = fixtures().join("models");
-    // wan21's folder, claiming to be image-to-video: its 16-channel DiT cannot take the 36.
-    for entry in walk(&root.join("wan21")) {
-        let rel = entry.strip_prefix(root.join("wan21")).unwrap();
-        std::fs::create_dir_all(dir.path().join(rel).parent().unwrap()).unwrap();
-        std::fs::copy(&entry, dir.path().join(rel)).unwrap();
-    }
-    let index = dir.path().join("model_index.json");
-    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
-    json["_class_name"] = "WanImageToVideoPipeline".into();
-    std::fs::write(&index, json.to_string()).unwrap();
-    let img = picture("i2v_public.png");
-    let m = dir.path().display().to_string();
-    let mut args = vec![
-        "--model-dir",
-        &m,
-        "--image",
-        &img,
-        "--prompt",
-        "x",
-        "--height",
-        "32",
-        "--width",
-        "32",
-    ];
-    args.extend(SMALL);
-    assert_refused(&args, &["takes 16 channels", "image-to-video", "needs 36"]);
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }
