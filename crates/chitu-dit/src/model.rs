@@ -136,7 +136,6 @@ impl<B: Backend> WanTransformer<B> {
         let (tokens, mut e) = self.embed_without_rope(x, timesteps, first_frame, context)?;
         let seq = e.grid.iter().product();
         e.inputs.rope = RopeTables::new(e.grid, self.config.head_dim, ROPE_THETA, 0..seq, &tokens.device());
-        e.inputs.first = e.inputs.first.take().map(|(k, e0)| (k.min(seq), e0));
         e.tokens = tokens;
         Ok(e)
     }
