@@ -3,6 +3,7 @@
 `make DIR` writes random-weight models and inputs for every workload into DIR (diffusers and
 transformers layouts, safetensors, f32) so that both implementations load identical weights.
 `time WORKLOAD DIR THREADS RUNS` times one workload in this process and prints one JSON line.
+`gemm THREADS RUNS` prints PyTorch's markdown rows for examples/bench_gemm.rs's shapes.
 `wan_t5 DIR` rewrites DIR/umt5 in Wan's `t5.py` key layout in bf16, as the `.pth` Wan releases
 ship and as safetensors, into DIR/umt5_wan (for `examples/bench_load.rs`).
 """
@@ -122,8 +123,44 @@ def time_it(name, root, threads, runs, repo):
     }))
 
 
+# examples/bench_gemm.rs's shapes: (name, batch, m, k, n, rhs transposed).
+GEMM_SHAPES = [
+    ("q/k/v/out projection", 1, 1950, 1536, 1536, False),
+    ("FFN up", 1, 1950, 1536, 8960, False),
+    ("FFN down", 1, 1950, 8960, 1536, False),
+    ("text k/v projection", 1, 512, 1536, 1536, False),
+    ("self-attn scores q kT (12 heads)", 12, 1950, 128, 1950, True),
+    ("self-attn p v (12 heads)", 12, 1950, 1950, 128, False),
+    ("cross-attn scores q kT (12 heads)", 12, 1950, 128, 512, True),
+]
+
+
+def gemm_rows(threads, runs):
+    """PyTorch's rows of examples/bench_gemm.rs's table (torch.matmul, batched for the heads)."""
+    torch.set_num_threads(threads)
+    for name, batch, m, k, n, rhs_t in GEMM_SHAPES:
+        a = torch.rand(batch, m, k) * 2 - 1
+        b = torch.rand(batch, n, k).transpose(1, 2) if rhs_t else torch.rand(batch, k, n)
+        if batch == 1:
+            a, b = a[0], b[0]
+        torch.matmul(a, b)
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            torch.matmul(a, b)
+            times.append(time.perf_counter() - t0)
+        t = statistics.median(times)
+        dims = (f"{batch} x " if batch > 1 else "") + f"{m} x {k} x {n}"
+        mode = "batched matmul" if batch > 1 else "all threads"
+        print(f"| {name} | {dims} | PyTorch {torch.__version__} | {mode} | {t * 1e3:.1f} | "
+              f"{2 * batch * m * k * n / t / 1e9:.1f} |")
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "make":
+    if sys.argv[1] == "gemm":
+        gemm_rows(int(sys.argv[2]), int(sys.argv[3]))
+        sys.exit(0)
+    elif sys.argv[1] == "make":
         make(sys.argv[2])
     elif sys.argv[1] == "wan_t5":
         wan_t5(sys.argv[2])

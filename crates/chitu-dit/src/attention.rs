@@ -106,11 +106,16 @@ fn blocked_attention<B: Backend>(
 
 impl<B: Backend> AttentionOp<B> for AttentionKind {
     fn attend(&self, q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, key_padding: KeyPadding<B>) -> Tensor<B, 4> {
+        let ([b, sq, h, _], sk) = (q.dims(), k.dims()[1]);
+        let score_bytes = [b, h, sq, sk, 4].iter().fold(1usize, |a, &n| a.saturating_mul(n));
+        let kind = self.resolve_for::<B>(&q.device(), score_bytes);
+        if kind == Self::Reference && [&q, &k, &v].iter().all(|t| chitu_host::is_host_f32(*t)) {
+            // On the host the blocked kernel reads the heads in place, in blocks of query rows.
+            return crate::host::attention(q, k, v, key_padding);
+        }
         // Heads first for the kernels.
         let (q, k, v) = (q.swap_dims(1, 2), k.swap_dims(1, 2), v.swap_dims(1, 2));
-        let ([b, h, sq, _], sk) = (q.dims(), k.dims()[2]);
-        let score_bytes = [b, h, sq, sk, 4].iter().fold(1usize, |a, &n| a.saturating_mul(n));
-        let out = match self.resolve_for::<B>(&q.device(), score_bytes) {
+        let out = match kind {
             Self::Reference => blocked_attention(q, k, v, key_padding, SCORE_BUDGET_BYTES),
             _ => {
                 let mask = key_padding.map(|m| m.reshape([b, 1, 1, sk]).expand([b, h, sq, sk]));

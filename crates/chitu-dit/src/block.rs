@@ -2,7 +2,7 @@
 
 use crate::attention::{AttentionOp, SelfAttentionWrap, Wrapped};
 use crate::embed::RopeTables;
-use crate::layers::{affine_layer_norm, layer_norm, linear, modulate, FeedForward, WanAttention};
+use crate::layers::{affine_layer_norm, linear, norm_modulate, FeedForward, WanAttention};
 use crate::WanDitConfig;
 use burn::module::{Module, Param};
 use burn::nn::{Initializer, LayerNorm};
@@ -72,6 +72,23 @@ pub(crate) fn split_tokens<B: Backend>(
     }
 }
 
+/// `x + y * gate(is_first)`, the first `k` tokens gated by `gate(true)`, the rest by
+/// `gate(false)`; `x + y` where the gate is `None`. One parallel pass on CPU backends in f32.
+fn gated_residual<B: Backend, G: Into<Option<Tensor<B, 3>>>>(
+    x: Tensor<B, 3>,
+    y: Tensor<B, 3>,
+    k: usize,
+    gate: impl Fn(bool) -> G,
+) -> Tensor<B, 3> {
+    if k == 0 && chitu_host::is_host_f32(&x) && chitu_host::is_host_f32(&y) {
+        return crate::host::residual(x, y, gate(false).into());
+    }
+    x + split_tokens(y, k, |y, f| match gate(f).into() {
+        Some(g) => y * g,
+        None => y,
+    })
+}
+
 /// A Wan transformer block (diffusers' `WanTransformerBlock`).
 #[derive(Module, Debug)]
 pub struct WanBlock<B: Backend> {
@@ -129,7 +146,7 @@ impl<B: Backend> WanBlock<B> {
         };
         let eps = self.eps;
 
-        let normed = split_tokens(x.clone(), k, |x, f| modulate(layer_norm(x, eps), m(0, f), m(1, f)));
+        let normed = split_tokens(x.clone(), k, |x, f| norm_modulate(x, m(0, f), m(1, f), eps));
         let sa = hook.part(index, BlockPart::SelfAttn, &mut || match &inputs.self_attention {
             Some(wrap) => {
                 let wrapped = Wrapped {
@@ -140,7 +157,7 @@ impl<B: Backend> WanBlock<B> {
             }
             None => self.attn1.forward(normed.clone(), None, Some(&inputs.rope), attn),
         });
-        let x = x + split_tokens(sa, k, |sa, f| sa * m(2, f));
+        let x = gated_residual(x, sa, k, |f| m(2, f));
 
         let normed = match &self.norm2 {
             Some(norm) => norm.forward(x.clone()),
@@ -150,10 +167,10 @@ impl<B: Backend> WanBlock<B> {
             self.attn2
                 .forward(normed.clone(), Some(inputs.context.clone()), None, attn)
         });
-        let x = x + ca;
+        let x = gated_residual(x, ca, 0, |_| None);
 
-        let normed = split_tokens(x.clone(), k, |x, f| modulate(layer_norm(x, eps), m(3, f), m(4, f)));
+        let normed = split_tokens(x.clone(), k, |x, f| norm_modulate(x, m(3, f), m(4, f), eps));
         let ff = hook.part(index, BlockPart::Ffn, &mut || self.ffn.forward(normed.clone()));
-        x + split_tokens(ff, k, |ff, f| ff * m(5, f))
+        gated_residual(x, ff, k, |f| m(5, f))
     }
 }

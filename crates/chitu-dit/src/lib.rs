@@ -23,6 +23,7 @@ mod attention;
 mod block;
 mod config;
 pub mod embed;
+mod host;
 mod layers;
 mod load;
 pub mod lora;
@@ -34,7 +35,7 @@ pub use attention::{AttentionKind, AttentionOp, KeyPadding, SelfAttentionWrap, S
 pub use block::{BlockHook, BlockInputs, BlockPart, NoHook, WanBlock};
 pub use chitu_store::{weight_files, LoadReport, Precision};
 pub use config::WanDitConfig;
-pub use layers::{gelu_tanh, layer_norm, modulate};
+pub use layers::{gelu_tanh, layer_norm, modulate, norm_modulate};
 pub use load::{CheckpointLayout, KEEP_F32};
 pub use lora::{lora_deltas, LoraDeltas, LoraError, LoraFile};
 pub use model::{Embedded, WanTransformer, ROPE_THETA};

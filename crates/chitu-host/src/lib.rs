@@ -16,7 +16,12 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use std::any::{Any, TypeId};
 
+pub mod attention;
+pub mod machine;
 pub mod mixed;
+pub mod sgemm;
+
+pub use machine::Machine;
 
 /// Whether `B`'s float tensors are burn-flex tensors in host memory, which chitu's CPU kernels
 /// read in place. False for every other backend, including ones that wrap burn-flex.
@@ -87,10 +92,59 @@ impl HostF32 {
     }
 }
 
+/// `e^x` in plain f32 arithmetic, within 3 ulp of `f32::exp` on [-87, 88] and saturating
+/// outside it (to about 1.6e-38 and 1.7e38, which is all SiLU and a softmax need: a softmax's
+/// largest term is e^0).
+///
+/// `f32::exp` is a libm call per element, which keeps a loop around it scalar (the VAE's fused
+/// norm + SiLU, the DiT's softmax); this one vectorises. It is the usual reduction
+/// `x = n ln2 + r`, `|r| <= ln2 / 2`, a degree-6 Taylor polynomial for `e^r` and `2^n` built in the exponent bits.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer without a libm call.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// `sum(f(x))` over `v`, in eight lanes: a sequential f32 sum cannot be vectorised (its order
+/// is fixed), eight running sums can.
+#[inline]
+pub fn sum_of(v: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut lanes = [0f32; 8];
+    let chunks = v.chunks_exact(8);
+    let rest: f32 = chunks.remainder().iter().map(|&x| f(x)).sum();
+    for c in chunks {
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            *l += f(x);
+        }
+    }
+    lanes.iter().sum::<f32>() + rest
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use burn_flex::Flex;
+
+    #[test]
+    fn exp_is_within_three_ulp_of_libm() {
+        let mut worst = 0.0f32;
+        for i in -870_000..=880_000 {
+            let x = i as f32 * 1e-4;
+            let (got, want) = (exp(x), x.exp());
+            worst = worst.max((got - want).abs() / want);
+        }
+        assert!(worst <= 3.0 * f32::EPSILON, "max relative error {worst}");
+        // Saturated, not infinite or zero, far outside.
+        assert!(exp(-1000.0) > 0.0 && exp(1000.0).is_finite());
+        assert_eq!(exp(0.0), 1.0);
+    }
 
     #[test]
     fn the_capability_follows_the_tensor_type() {

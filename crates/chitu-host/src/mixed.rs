@@ -1,4 +1,5 @@
-//! Weights held in a narrower dtype than the activations they meet.
+//! Weights held in a narrower dtype than the activations they meet, and the linear layer that
+//! every model crate calls on the host.
 //!
 //! With `--dtype bf16` a model's matrices are held in bf16 while activations stay f32 (see
 //! chitu-store's `Precision`). burn's ops want one dtype on both sides, so every use of a weight
@@ -9,6 +10,7 @@
 //! faulted in 5.7 GB of new pages per full-size DiT forward, which made bf16 20% slower than f32.
 
 use crate::host_kernels;
+use crate::sgemm::row_major;
 use burn::nn::Linear;
 use burn::tensor::backend::Backend;
 use burn::tensor::quantization::{QTensorPrimitive, QuantLevel, QuantValue};
@@ -43,9 +45,14 @@ pub fn like<B: Backend, const D: usize, const E: usize>(t: Tensor<B, D>, other: 
 }
 
 /// burn's `Linear::forward` with the weight and bias in `x`'s dtype.
+///
+/// On burn-flex with f32 activations it calls the process's GEMM ([`crate::sgemm::Sgemm::get`])
+/// itself, on an f32 weight in place or a narrow one widened, with the bias written into the
+/// output first and accumulated onto: burn's `linear` adds the bias in a separate pass, on one
+/// thread.
 pub fn linear<B: Backend, const D: usize>(layer: &Linear<B>, x: Tensor<B, D>) -> Tensor<B, D> {
     let weight = layer.weight.val();
-    if crate::is_host_f32(&x) && matches!(weight.dtype(), DType::BF16 | DType::F16 | DType::QFloat(_)) {
+    if crate::is_host_f32(&x) && matches!(weight.dtype(), DType::F32 | DType::BF16 | DType::F16 | DType::QFloat(_)) {
         if let Some(y) = linear_host(&weight, layer.bias.as_ref().map(|b| b.val()), &x) {
             return y;
         }
@@ -128,8 +135,8 @@ fn widen_into(narrow: &Narrow, dst: &mut [f32]) -> Option<()> {
     }
 }
 
-/// `x @ weight + bias` on burn-flex for a bf16 or f16 `weight` `[in, out]` and f32 `x`; `None`
-/// when a tensor is not laid out for it (the generic path then runs).
+/// `x @ weight + bias` on burn-flex for an f32, bf16, f16 or int8 `weight` `[in, out]` and f32
+/// `x`; `None` when a tensor is not laid out for it (the generic path then runs).
 fn linear_host<B: Backend, const D: usize>(
     weight: &Tensor<B, 2>,
     bias: Option<Tensor<B, 1>>,
@@ -141,55 +148,48 @@ fn linear_host<B: Backend, const D: usize>(
         return None;
     }
     let m: usize = dims[..D - 1].iter().product();
-    let w = flex_of(weight)?;
     let bias = match bias {
         Some(b) if b.dtype() == DType::F32 => Some(crate::HostF32::new(b)),
         Some(_) => return None,
         None => None,
     };
     let xs = crate::HostF32::new(x.clone());
+    // The bias first, written on all threads (which also spreads the fresh pages' faults); the
+    // GEMM then adds the product onto it.
     let mut out = vec![0f32; m * n];
-    WIDE.with(|wide| {
-        let mut wide = wide.borrow_mut();
-        if wide.len() < k * n {
-            wide.resize(k * n, 0.0);
-        }
-        let wide = &mut wide[..k * n];
-        widen_into(&w, wide)?;
-        let parallel = match m * n * k > 1 << 18 {
-            true => gemm::Parallelism::Rayon(0),
-            false => gemm::Parallelism::None,
-        };
+    if let Some(b) = &bias {
+        let b = b.as_slice();
+        out.par_chunks_mut(n).for_each(|row| row.copy_from_slice(b));
+    }
+    let mut gemm = |w: &[f32]| {
         // SAFETY: the three matrices are row-major and hold m*k, k*n and m*n elements.
         unsafe {
-            gemm::gemm(
+            crate::sgemm::Sgemm::get().run(
                 m,
                 n,
                 k,
-                out.as_mut_ptr(),
-                1,
-                n as isize,
-                false,
-                xs.as_slice().as_ptr(),
-                1,
-                k as isize,
-                wide.as_ptr(),
-                1,
-                n as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                parallel,
-            );
+                row_major(out.as_mut_ptr(), n),
+                row_major(xs.as_slice().as_ptr(), k),
+                row_major(w.as_ptr(), n),
+                bias.is_some(),
+                m * n * k > 1 << 18,
+            )
         }
-        Some(())
-    })?;
-    if let Some(b) = bias {
-        let b = b.as_slice();
-        out.par_chunks_mut(n)
-            .for_each(|row| row.iter_mut().zip(b).for_each(|(o, b)| *o += b));
+    };
+    if weight.dtype() == DType::F32 {
+        gemm(crate::HostF32::new(weight.clone()).as_slice());
+    } else {
+        let w = flex_of(weight)?;
+        WIDE.with(|wide| {
+            let mut wide = wide.borrow_mut();
+            if wide.len() < k * n {
+                wide.resize(k * n, 0.0);
+            }
+            let wide = &mut wide[..k * n];
+            widen_into(&w, wide)?;
+            gemm(wide);
+            Some(())
+        })?;
     }
     let mut shape = dims.to_vec();
     shape[D - 1] = n;
@@ -263,6 +263,20 @@ mod tests {
         assert_eq!(got.dtype(), DType::F32);
         let mut rounded = wide.clone();
         rounded.weight = rounded.weight.map(|w| w.cast(DType::BF16).cast(DType::F32));
-        got.into_data().assert_eq(&rounded.forward(x).into_data(), true);
+        // The same product as burn's; the process's GEMM may be another kernel (CHITU_GEMM), so
+        // to rounding, not bit for bit.
+        let tol = burn::tensor::Tolerance::rel_abs(1e-6, 1e-6);
+        got.into_data()
+            .assert_approx_eq::<f32>(&rounded.forward(x.clone()).into_data(), tol);
+        // f32 weights take the same path, read in place.
+        linear(&wide, x.clone())
+            .into_data()
+            .assert_approx_eq::<f32>(&wide.forward(x.clone()).into_data(), tol);
+        // A layer without a bias.
+        let mut bare = wide.clone();
+        bare.bias = None;
+        linear(&bare, x.clone())
+            .into_data()
+            .assert_approx_eq::<f32>(&bare.forward(x).into_data(), tol);
     }
 }

@@ -113,6 +113,9 @@ impl<B: Backend> Umt5Block<B> {
     fn forward(&self, x: Tensor<B, 3>, buckets: Tensor<B, 2, Int>, pad: Tensor<B, 2, Bool>) -> Tensor<B, 3> {
         let [b, l, _] = x.dims();
         let h = self.attn.num_heads;
+        if chitu_host::is_host_f32(&x) {
+            return self.forward_host(x, buckets, pad);
+        }
         let bias: Tensor<B, 3> = self.pos_embedding.forward(buckets).reshape([l, l, h]);
         let bias = bias.permute([2, 0, 1]).unsqueeze::<4>().expand([b, h, l, l]);
         let mask = pad.reshape([b, 1, 1, l]).expand([b, h, l, l]);
@@ -133,9 +136,49 @@ impl<B: Backend> Umt5Block<B> {
         let [_, _, _, d] = out.dims();
         let x = x + mixed::linear(&self.attn.o, out.swap_dims(1, 2).reshape([b, l, h * d]));
 
+        self.ffn_residual(x)
+    }
+}
+
+impl<B: Backend> Umt5Block<B> {
+    /// `x` plus the gated FFN of its norm.
+    fn ffn_residual(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let normed = self.norm2.forward(x.clone());
         let gate = gelu_tanh(mixed::linear(&self.ffn.wi_0, normed.clone()));
         x + mixed::linear(&self.ffn.wo, gate * mixed::linear(&self.ffn.wi_1, normed))
+    }
+
+    /// [`Umt5Block::forward`] on CPU backends in f32: the attention runs on the host kernel
+    /// ([`chitu_host::attention`]), heads in place, with each layer's position bias looked up
+    /// from its `[buckets, heads]` table as the scores are made instead of built as a
+    /// `[heads, L, L]` tensor (64 MB at 512 tokens for UMT5-XXL).
+    fn forward_host(&self, x: Tensor<B, 3>, buckets: Tensor<B, 2, Int>, pad: Tensor<B, 2, Bool>) -> Tensor<B, 3> {
+        let [b, l, _] = x.dims();
+        let h = self.attn.num_heads;
+        let buckets: Vec<i64> = buckets.into_data().convert::<i64>().to_vec().unwrap_or_default();
+        let table = chitu_host::HostF32::new(self.pos_embedding.weight.val());
+        let pad: Vec<bool> = pad.into_data().convert::<bool>().to_vec().unwrap_or_default();
+        let table = table.as_slice();
+        let bias = |_: usize, head: usize, i: usize, row: &mut [f32]| {
+            let at = &buckets[i * l..(i + 1) * l];
+            row.iter_mut()
+                .zip(at)
+                .for_each(|(x, &k)| *x += table[k as usize * h + head]);
+        };
+
+        let normed = self.norm1.forward(x.clone());
+        let heads = |t: Tensor<B, 3>| {
+            let d = t.dims()[2] / h;
+            t.reshape([b, l, h, d])
+        };
+        let q = heads(mixed::linear(&self.attn.q, normed.clone()));
+        let k = heads(mixed::linear(&self.attn.k, normed.clone()));
+        let v = heads(mixed::linear(&self.attn.v, normed));
+        let out = chitu_host::attention::attention(q, k, v, 1.0, Some(&pad), Some(&bias));
+        let [_, _, _, d] = out.dims();
+        let x = x + mixed::linear(&self.attn.o, out.reshape([b, l, h * d]));
+
+        self.ffn_residual(x)
     }
 }
 

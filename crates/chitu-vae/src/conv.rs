@@ -14,7 +14,7 @@ use crate::scratch::{self, par_zeroed, par_zeroed_in};
 use burn::tensor::module::{conv2d, conv3d};
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
-use chitu_host::HostF32;
+use chitu_host::{exp, HostF32};
 use rayon::prelude::*;
 
 /// Output columns (pixels of the padded grid) per tile: enough for the GEMM to run at full
@@ -73,25 +73,6 @@ impl OutPtr {
     unsafe fn run<'a>(self, i: usize, len: usize) -> &'a mut [f32] {
         unsafe { std::slice::from_raw_parts_mut(self.0.add(i), len) }
     }
-}
-
-/// `e^x` in plain f32 arithmetic, within 3 ulp of `f32::exp` on [-87, 88] and saturating
-/// outside it (to about 1.6e-38 and 1.7e38, which is all SiLU needs).
-///
-/// `f32::exp` is a libm call per element, which keeps the fused norm + SiLU loop scalar; this
-/// one vectorises. It is the usual reduction `x = n ln2 + r`, `|r| <= ln2 / 2`, a degree-6
-/// Taylor polynomial for `e^r` and `2^n` built in the exponent bits.
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer without a libm call.
-    const ROUND: f32 = 12_582_912.0;
-    let x = x.clamp(-87.0, 88.0);
-    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
 /// Pixels per norm task: a chunk's channel sums stay in L1.
@@ -447,20 +428,6 @@ pub(crate) mod tests {
             err < 1e-3,
             "x {xs:?} w {ws:?} stride {stride_d} pad {pad}: max err {err}"
         );
-    }
-
-    #[test]
-    fn exp_is_within_three_ulp_of_libm() {
-        let mut worst = 0.0f32;
-        for i in -870_000..=880_000 {
-            let x = i as f32 * 1e-4;
-            let (got, want) = (exp(x), x.exp());
-            worst = worst.max((got - want).abs() / want);
-        }
-        assert!(worst <= 3.0 * f32::EPSILON, "max relative error {worst}");
-        // Saturated, not infinite or zero, far outside.
-        assert!(exp(-1000.0) > 0.0 && exp(1000.0).is_finite());
-        assert_eq!(exp(0.0), 1.0);
     }
 
     #[test]
