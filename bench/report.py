@@ -38,8 +38,12 @@ def main(lines_file, out_dir):
         counts = f"{next(iter(runs.values()), 0)} runs"
     else:
         counts = "runs: " + ", ".join(f"{w} {n}" for w, n in runs.items())
+    chitu = next((r for r in rows if r["impl"] == "chitu" and r.get("machine")), {})
+    machine = chitu.get("machine") or f"{cpu_name()}, {threads} threads"
+    gemm = chitu.get("gemm", "gemm")
     head = (
-        f"Machine: {cpu_name()}, {threads} threads on each side; chitu-rs {commit} (burn-flex, f32); "
+        f"Machine: {machine} (the same threads on each side); chitu-rs {commit} (burn-flex, f32, "
+        f"GEMM: {gemm}); "
         f"PyTorch {versions.get('torch', '?')}, diffusers {versions.get('diffusers', '?')}; "
         f"{time.strftime('%Y-%m-%d')}. Medians after a warm-up ({counts}).\n"
     )

@@ -7,6 +7,10 @@
 #   FULLSIZE_DIR=/data/wan-full WORKLOADS=fullsize THREADS=2 bash bench/run.sh
 #   WORKLOADS=lora bash bench/run.sh  # LoRA merge cost, few-step vs base (FULLSIZE_DIR adds full size)
 #   WORKLOADS=serve bash bench/run.sh # chitu serve: job order, load-test latency and throughput
+#   WORKLOADS=gemm bash bench/run.sh  # GEMM GFLOP/s per kernel (gemm crate, BLIS, OpenBLAS, PyTorch)
+#
+# Every table names the machine (CPU, family/model, ISA, threads) and the GEMM chitu used
+# (CHITU_GEMM, default auto: see README). bench/profile.sh shows where a workload's time goes.
 #
 # `fullsize` is the memory benchmark: one request (240x416, 9 frames, 2 steps, CFG) on a full-size
 # random Wan2.1-T2V-1.3B folder that ../shared/tools/make_fullsize.py wrote to FULLSIZE_DIR (about
@@ -55,6 +59,14 @@ for w in $WORKLOADS; do
         mkdir -p bench/results
         RAYON_NUM_THREADS=$THREADS target/release/examples/bench_serve | tee bench/results/serve.md
         cargo test --release --test serve_load -- --nocapture 2>&1 | grep '^load:' | tee -a bench/results/serve.md
+        continue
+    fi
+    if [ "$w" = gemm ]; then
+        # GFLOP/s of every GEMM kernel this machine has at the DiT's shapes, PyTorch's beside them.
+        cargo build --release --example bench_gemm >&2
+        mkdir -p bench/results
+        RAYON_NUM_THREADS=$THREADS target/release/examples/bench_gemm "$RUNS" | tee bench/results/gemm.md
+        OMP_NUM_THREADS=$THREADS "$PY" bench/torch_side.py gemm "$THREADS" "$RUNS" | tee -a bench/results/gemm.md
         continue
     fi
     if [ "$w" = lora ]; then

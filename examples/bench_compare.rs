@@ -118,6 +118,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "median_s": median,
             "peak_rss_bytes": peak_rss_bytes(),
             "peak_rss_after_load_bytes": load_rss,
+            "machine": chitu_host::Machine::detect().to_string(),
+            "gemm": chitu_host::sgemm::Sgemm::get().kind().name(),
         })
     );
     Ok(())

@@ -47,6 +47,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let x = Tensor::<B, 5>::random([1, 16, 5, 30, 52], Distribution::Normal(0.0, 1.0), &dev);
     let text = Tensor::<B, 3>::random([1, 512, 4096], Distribution::Normal(0.0, 1.0), &dev);
     let e = model.embed(x, &[500.0], text)?;
+    println!(
+        "Machine: {}; GEMM: {}\n",
+        chitu_host::Machine::detect(),
+        chitu_host::sgemm::Sgemm::get().kind().name()
+    );
     println!("| workload | kernel | weights | tokens | median s | min s | rel_l2 vs f32 |");
     println!("|---|---|---|---|---|---|---|");
     let mut reference: Option<Tensor<B, 3>> = None;

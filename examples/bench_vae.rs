@@ -41,6 +41,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let _: f32 = video.clone().slice([0..1, 0..1, 0..1, 0..1, 0..1]).into_scalar();
     let secs = t0.elapsed().as_secs_f64();
+    println!(
+        "Machine: {}; GEMM: {}\n",
+        chitu_host::Machine::detect(),
+        chitu_host::sgemm::Sgemm::get().kind().name()
+    );
     println!("| VAE | mode | output | s per latent frame | peak RSS MiB (weights+input before) |");
     println!("|---|---|---|---|---|");
     println!(

@@ -81,7 +81,7 @@ fn gated_residual<B: Backend, G: Into<Option<Tensor<B, 3>>>>(
     gate: impl Fn(bool) -> G,
 ) -> Tensor<B, 3> {
     if k == 0 && chitu_host::is_host_f32(&x) && chitu_host::is_host_f32(&y) {
-        return crate::host::residual(x, y, gate(false).into());
+        return chitu_host::rows::residual(x, y, gate(false).into());
     }
     x + split_tokens(y, k, |y, f| match gate(f).into() {
         Some(g) => y * g,

@@ -12,20 +12,9 @@
 //! The tests below hold each one to its tensor form.
 
 use burn::tensor::{backend::Backend, Bool, Tensor, TensorData};
+use chitu_host::rows::{rms_norm_row, take, ROWS_PER_TASK};
 use chitu_host::{sum_of, HostF32};
 use rayon::prelude::*;
-
-/// Rows per parallel task of a row-wise pass: a few hundred KB, so that a task is worth a
-/// thread's hand-over while 2 to 16 threads still share the work evenly.
-const ROWS_PER_TASK: usize = 16;
-
-/// `t`'s f32 elements, owned: its own buffer when nothing else holds it (burn-flex's
-/// `into_data` moves a unique buffer), else a copy.
-fn take<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    t.into_data()
-        .into_vec::<f32>()
-        .unwrap_or_else(|_| unreachable!("callers check is_host_f32"))
-}
 
 /// `LayerNorm(x) * (1 + scale) + shift` (no affine weights), `x` `[B, S, dim]`, `shift` and
 /// `scale` `[B, 1, dim]`.
@@ -57,30 +46,6 @@ pub(crate) fn norm_modulate<B: Backend>(
     Tensor::from_data(TensorData::new(v, [b, s, dim]), &device)
 }
 
-/// `x + y * gate` (`gate` `[B, 1, dim]`), or `x + y` without a gate.
-pub(crate) fn residual<B: Backend>(x: Tensor<B, 3>, y: Tensor<B, 3>, gate: Option<Tensor<B, 3>>) -> Tensor<B, 3> {
-    let ([b, s, dim], device) = (x.dims(), x.device());
-    let y = HostF32::new(y);
-    let gate = gate.map(HostF32::new);
-    let mut v = take(x);
-    v.par_chunks_mut(dim * ROWS_PER_TASK)
-        .zip(y.as_slice().par_chunks(dim * ROWS_PER_TASK))
-        .enumerate()
-        .for_each(|(task, (rows, ys))| {
-            for (r, (row, y)) in rows.chunks_exact_mut(dim).zip(ys.chunks_exact(dim)).enumerate() {
-                match &gate {
-                    Some(g) => {
-                        let batch = (task * ROWS_PER_TASK + r) / s;
-                        let g = &g.as_slice()[batch * dim..(batch + 1) * dim];
-                        row.iter_mut().zip(y).zip(g).for_each(|((x, y), g)| *x += y * g);
-                    }
-                    None => row.iter_mut().zip(y).for_each(|(x, y)| *x += y),
-                }
-            }
-        });
-    Tensor::from_data(TensorData::new(v, [b, s, dim]), &device)
-}
-
 /// RMS norm across the whole row (`x / sqrt(mean(x^2) + eps) * gamma`, Wan's norm across heads),
 /// then the rotary embedding of interleaved pairs per head when `rope` is given (`cos`, `sin`
 /// `[S, head_dim / 2]`): `x` `[B, S, dim]` to `[B, S, heads, dim / heads]`.
@@ -101,9 +66,7 @@ pub(crate) fn rms_rope<B: Backend>(
         .for_each(|(task, rows)| {
             for (r, row) in rows.chunks_exact_mut(dim).enumerate() {
                 if let Some(g) = &gamma {
-                    let ms = sum_of(row, |x| x * x) / dim as f32;
-                    let rms = (ms + eps).sqrt();
-                    row.iter_mut().zip(g.as_slice()).for_each(|(x, g)| *x = *x / rms * g);
+                    rms_norm_row(row, g.as_slice(), eps);
                 }
                 if let Some((cos, sin)) = &rope {
                     let at = ((task * ROWS_PER_TASK + r) % s) * pairs;
@@ -158,16 +121,6 @@ mod tests {
         let (x, shift, scale) = (r([2, 37, 24]), r([2, 1, 24]), r([2, 1, 24]));
         let want = modulate(layer_norm(x.clone(), 1e-6), shift.clone(), scale.clone());
         close(norm_modulate(x, shift, scale, 1e-6), want);
-    }
-
-    #[test]
-    fn residual_is_the_tensor_form_with_and_without_a_gate() {
-        let (x, y, g) = (r([2, 37, 24]), r([2, 37, 24]), r([2, 1, 24]));
-        close(
-            residual(x.clone(), y.clone(), Some(g.clone())),
-            x.clone() + y.clone() * g,
-        );
-        close(residual(x.clone(), y.clone(), None), x + y);
     }
 
     #[test]

@@ -4,10 +4,9 @@ use crate::attention::AttentionOp;
 use crate::embed::{patchify, RopeTables};
 use burn::module::{Module, Param};
 use burn::nn::{Initializer, LayerNorm, LayerNormConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
-use burn::tensor::activation::{sigmoid, silu};
-use burn::tensor::{backend::Backend, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::activation::silu;
+use burn::tensor::{backend::Backend, Tensor, TensorPrimitive};
 use chitu_host::{is_host_f32, mixed};
-use rayon::prelude::*;
 
 /// LayerNorm over the last axis without affine parameters, in float32 (diffusers' `FP32LayerNorm`
 /// with `elementwise_affine=False`).
@@ -22,44 +21,7 @@ pub fn layer_norm<B: Backend, const D: usize>(x: Tensor<B, D>, eps: f64) -> Tens
     )))
 }
 
-/// GELU with the tanh approximation (PyTorch's `approximate="tanh"`), written as `x * sigmoid(2u)`
-/// with `u = sqrt(2/pi) (x + 0.044715 x^3)`: the same function as `0.5 x (1 + tanh u)`, in about a
-/// fifth of the time on burn-flex, whose `powf` and `tanh` are scalar (see BENCHMARKS.md).
-/// On CPU backends in f32 it runs as one parallel, vectorised pass (burn-flex's elementwise ops
-/// run on one thread, and this is six of them over the FFN's widest tensor).
-pub fn gelu_tanh<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    if is_host_f32(&x) {
-        return gelu_tanh_host(x);
-    }
-    gelu_tanh_tensor(x)
-}
-
-const TWO_SQRT_2_OVER_PI: f64 = 1.595_769_121_605_730_8;
-
-fn gelu_tanh_tensor<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    let u = (x.clone() * x.clone())
-        .mul_scalar(TWO_SQRT_2_OVER_PI * 0.044715)
-        .add_scalar(TWO_SQRT_2_OVER_PI)
-        * x.clone();
-    x * sigmoid(u)
-}
-
-/// The tensor form's f32 operations in its order, burn-flex's two-branch sigmoid included, with
-/// [`chitu_host::exp`] (within 3 ulp of libm's, and vectorised) for its `exp`.
-fn gelu_tanh_host<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    let (shape, device) = (x.shape(), x.device());
-    let mut v = x.into_data().into_vec::<f32>().expect("dtype checked by gelu_tanh");
-    let (a, c) = ((TWO_SQRT_2_OVER_PI * 0.044715) as f32, TWO_SQRT_2_OVER_PI as f32);
-    v.par_chunks_mut(1 << 14).for_each(|chunk| {
-        for x in chunk {
-            let u = (*x * *x * a + c) * *x;
-            let e = chitu_host::exp(-u.abs());
-            let s = if u >= 0.0 { 1.0 / (1.0 + e) } else { e / (1.0 + e) };
-            *x *= s;
-        }
-    });
-    Tensor::from_data(TensorData::new(v, shape), &device)
-}
+pub use chitu_host::gelu::gelu_tanh;
 
 /// Adaptive modulation `x * (1 + scale) + shift`.
 pub fn modulate<B: Backend>(x: Tensor<B, 3>, shift: Tensor<B, 3>, scale: Tensor<B, 3>) -> Tensor<B, 3> {
@@ -253,29 +215,4 @@ impl<B: Backend> WanAttention<B> {
 /// An affine LayerNorm (diffusers' `FP32LayerNorm(elementwise_affine=True)`), for `norm2`.
 pub(crate) fn affine_layer_norm<B: Backend>(dim: usize, eps: f64, device: &B::Device) -> LayerNorm<B> {
     LayerNormConfig::new(dim).with_epsilon(eps).init(device)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use burn::tensor::Distribution;
-    use burn_flex::Flex;
-
-    #[test]
-    fn host_gelu_gives_the_tensor_form() {
-        let dev = Default::default();
-        // Wide enough to reach both sigmoid branches and saturation.
-        let x = Tensor::<Flex, 2>::random([37, 1000], Distribution::Normal(0.0, 4.0), &dev);
-        let host = gelu_tanh(x.clone());
-        // The host `exp` is within 3 ulp of libm's.
-        host.to_data().assert_approx_eq::<f32>(
-            &gelu_tanh_tensor(x.clone()).to_data(),
-            burn::tensor::Tolerance::rel_abs(1e-6, 1e-6),
-        );
-        let v: Vec<f32> = host.into_data().to_vec().unwrap();
-        let x: Vec<f32> = x.into_data().to_vec().unwrap();
-        // GELU is close to x for large x and to 0 for very negative x.
-        assert!(x.iter().zip(&v).all(|(x, g)| *x < 8.0 || (g - x).abs() < 1e-3));
-        assert!(x.iter().zip(&v).all(|(x, g)| *x > -8.0 || g.abs() < 1e-3));
-    }
 }

@@ -17,8 +17,10 @@ use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use std::any::{Any, TypeId};
 
 pub mod attention;
+pub mod gelu;
 pub mod machine;
 pub mod mixed;
+pub mod rows;
 pub mod sgemm;
 
 pub use machine::Machine;

@@ -6,11 +6,11 @@
 use crate::{Encoded, T5Tokenizer, TextError, Umt5Config};
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig};
-use burn::tensor::activation::sigmoid;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
-use chitu_host::mixed;
+use chitu_host::gelu::gelu_tanh;
+use chitu_host::{mixed, rows};
 use chitu_store::FileRows;
 use std::sync::Arc;
 
@@ -45,6 +45,9 @@ impl<B: Backend> T5LayerNorm<B> {
     }
 
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        if chitu_host::is_host_f32(&x) {
+            return chitu_host::rows::rms_norm(x, self.weight.val(), self.eps);
+        }
         let variance = x.clone().square().mean_dim(2);
         x * (variance + self.eps).sqrt().recip() * self.weight.val().unsqueeze()
     }
@@ -136,19 +139,15 @@ impl<B: Backend> Umt5Block<B> {
         let [_, _, _, d] = out.dims();
         let x = x + mixed::linear(&self.attn.o, out.swap_dims(1, 2).reshape([b, l, h * d]));
 
-        self.ffn_residual(x)
-    }
-}
-
-impl<B: Backend> Umt5Block<B> {
-    /// `x` plus the gated FFN of its norm.
-    fn ffn_residual(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let normed = self.norm2.forward(x.clone());
         let gate = gelu_tanh(mixed::linear(&self.ffn.wi_0, normed.clone()));
         x + mixed::linear(&self.ffn.wo, gate * mixed::linear(&self.ffn.wi_1, normed))
     }
+}
 
-    /// [`Umt5Block::forward`] on CPU backends in f32: the attention runs on the host kernel
+impl<B: Backend> Umt5Block<B> {
+    /// [`Umt5Block::forward`] on CPU backends in f32: the residual adds and the gating are
+    /// parallel passes ([`chitu_host::rows`]), and the attention runs on the host kernel
     /// ([`chitu_host::attention`]), heads in place, with each layer's position bias looked up
     /// from its `[buckets, heads]` table as the scores are made instead of built as a
     /// `[heads, L, L]` tensor (64 MB at 512 tokens for UMT5-XXL).
@@ -176,17 +175,13 @@ impl<B: Backend> Umt5Block<B> {
         let v = heads(mixed::linear(&self.attn.v, normed));
         let out = chitu_host::attention::attention(q, k, v, 1.0, Some(&pad), Some(&bias));
         let [_, _, _, d] = out.dims();
-        let x = x + mixed::linear(&self.attn.o, out.reshape([b, l, h * d]));
+        let x = rows::residual(x, mixed::linear(&self.attn.o, out.reshape([b, l, h * d])), None);
 
-        self.ffn_residual(x)
+        let normed = self.norm2.forward(x.clone());
+        let gate = gelu_tanh(mixed::linear(&self.ffn.wi_0, normed.clone()));
+        let ffn = mixed::linear(&self.ffn.wo, rows::mul(gate, mixed::linear(&self.ffn.wi_1, normed)));
+        rows::residual(x, ffn, None)
     }
-}
-
-/// transformers' `gelu_new` (tanh approximation) as `x * sigmoid(2u)`, `u = sqrt(2/pi) (x + 0.044715 x^3)`:
-/// equal to `0.5 x (1 + tanh u)` and several times faster on burn-flex, whose `powf`/`tanh` are scalar.
-fn gelu_tanh<B: Backend>(x: Tensor<B, 3>) -> Tensor<B, 3> {
-    const C: f64 = 1.595_769_121_605_730_8;
-    x.clone() * sigmoid((x.clone() * x.clone()).mul_scalar(C * 0.044715).add_scalar(C) * x)
 }
 
 /// transformers' `UMT5EncoderModel`.
