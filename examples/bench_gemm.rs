@@ -19,6 +19,9 @@ use chitu_host::Machine;
 use rayon::prelude::*;
 use std::time::Instant;
 
+/// One way of running a shape: it fills the output it is given.
+type Timed<'a> = Box<dyn FnMut(&mut [f32]) + 'a>;
+
 /// One GEMM shape: `batch` products of `[m, k] @ [k, n]`, rhs given transposed when `rhs_t`.
 struct Shape {
     name: &'static str,
@@ -132,7 +135,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 row_major(ptr, s.n)
             }
         };
-        let mut modes: Vec<(&str, &str, Box<dyn FnMut(&mut [f32])>)> = Vec::new();
+        let mut modes: Vec<(&str, &str, Timed)> = Vec::new();
         for (name, kernel) in &kernels {
             let kernel: &Sgemm = kernel;
             let a = &a;
