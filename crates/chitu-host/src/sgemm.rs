@@ -304,7 +304,7 @@ impl Sgemm {
 /// Whether a system BLAS, where one is installed, beats the `gemm` crate on `machine`.
 ///
 /// Measured (BENCHMARKS.md, `bench_gemm`): on AVX2-only CPUs (a Zen 3 EPYC) BLIS and OpenBLAS
-/// run the DiT's large GEMMs at 105-138 GFLOP/s on two threads against the crate's 72-92. On a
+/// ran the DiT's linear-layer GEMMs 1.15x to 1.8x faster than the crate on two threads. On a
 /// Zen 5, whose 512-bit FMAs are full width, the crate's AVX-512 kernels ran 1.3-1.5x PyTorch's
 /// MKL. Zen 4 splits each 512-bit FMA in two, which takes away the crate's AVX-512 lead, so it
 /// gets a BLAS too (not measured here). Elsewhere, AVX-512 CPUs keep the crate.
