@@ -28,6 +28,7 @@
 #![warn(missing_docs)]
 
 pub mod cli;
+pub mod demo;
 #[cfg(feature = "serve")]
 pub mod serve;
 

@@ -10,7 +10,7 @@ use burn::tensor::{backend::Backend, Tensor};
 use chitu_dit::{WanDitConfig, WanTransformer};
 use chitu_sched::SchedulerSpec;
 use chitu_store::{cast_module, Cast, Format, Precision, Weights};
-use chitu_text::{T5Tokenizer, TextEncoder, Umt5Config, Umt5Encoder};
+use chitu_text::{T5Tokenizer, TextEncoder, Umt5Encoder};
 use chitu_vae::{WanVae, WanVaeConfig};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -180,7 +180,7 @@ pub struct DiffusionBackend<B: Backend> {
     pub scheduler: SchedulerSpec,
     /// The device every model runs on.
     pub device: B::Device,
-    /// The model's name in sidecars and logs (its folder, or `embedded-tiny`).
+    /// The model's name in sidecars and logs (its folder, `embedded-demo` or `embedded-tiny`).
     pub name: String,
     /// The memory level this backend keeps at least.
     pub memory: MemoryLevel,
@@ -445,16 +445,8 @@ impl<B: Backend> DiffusionBackend<B> {
         let _one_at_a_time = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
         B::seed(device, TINY_WEIGHT_SEED);
         let tokenizer = T5Tokenizer::from_json_bytes(TINY_TOKENIZER.as_bytes())?;
-        let text_config = Umt5Config {
-            vocab_size: tokenizer.vocab_size(),
-            d_model: 32,
-            d_kv: 8,
-            d_ff: 64,
-            num_heads: 4,
-            num_layers: 2,
-            ..Umt5Config::umt5_xxl()
-        };
-        let encoder = Umt5Encoder::new(text_config, device)?;
+        // The demo model's UMT5 shape: both are 2 layers of width 32.
+        let encoder = Umt5Encoder::new(crate::demo::text_config(tokenizer.vocab_size()), device)?;
         let dit_config = WanDitConfig {
             num_heads: 2,
             head_dim: 24,
@@ -473,11 +465,74 @@ impl<B: Backend> DiffusionBackend<B> {
         encoder.visit(&mut draw);
         dit.visit(&mut draw);
         vae.visit(&mut draw);
+        Ok(Self::embedded(
+            tokenizer,
+            encoder,
+            dit,
+            vae,
+            format,
+            "embedded-tiny",
+            device,
+        ))
+    }
+
+    /// The embedded demo model: a tiny Wan2.1-architecture model trained in this project on
+    /// 32x32, 9-frame clips of coloured shapes ([`crate::demo`], `examples/train_demo.rs`), at
+    /// the sizes of [`DiffusionUserParams::demo`].
+    pub fn embedded_demo_as(device: &B::Device, format: impl Into<Format>) -> Result<Self, GenError> {
+        Self::demo(&crate::demo::embedded()?, device, format.into(), "embedded-demo")
+    }
+
+    /// A demo model from the files a training run wrote to `dir` ([`crate::demo::FILES`]).
+    pub fn demo_from_dir(dir: &Path, device: &B::Device, format: impl Into<Format>) -> Result<Self, GenError> {
+        let read = |name: &str| {
+            let path = dir.join(name);
+            std::fs::read(&path).map_err(|e| GenError::Folder {
+                path,
+                message: format!("cannot read the demo model's file: {e}"),
+            })
+        };
+        let bytes = crate::demo::FILES.map(read);
+        let bytes: Vec<Vec<u8>> = bytes.into_iter().collect::<Result<_, _>>()?;
+        let files = crate::demo::DemoFiles(std::array::from_fn(|i| bytes[i].as_slice()));
+        Self::demo(&files, device, format.into(), &dir.display().to_string())
+    }
+
+    fn demo(files: &crate::demo::DemoFiles, device: &B::Device, format: Format, name: &str) -> Result<Self, GenError> {
+        LoadOptions {
+            dtype: format.precision,
+            weights: format.weights,
+            ..LoadOptions::default()
+        }
+        .check::<B>(device)?;
+        let parts = crate::demo::load::<B>(files, device)?;
+        Ok(Self::embedded(
+            parts.tokenizer,
+            parts.text,
+            parts.dit,
+            parts.vae,
+            format,
+            name,
+            device,
+        ))
+    }
+
+    /// A backend of in-memory models: one expert, UniPC with shift 3, the weight matrices of the
+    /// text encoder and the DiT held in `format`.
+    fn embedded(
+        tokenizer: T5Tokenizer,
+        encoder: Umt5Encoder<B>,
+        dit: WanTransformer<B>,
+        vae: WanVae<B>,
+        format: Format,
+        name: &str,
+        device: &B::Device,
+    ) -> Self {
         let cast = |keep_f32| Cast::new(format, keep_f32);
         let encoder = cast_module(encoder, cast(chitu_text::KEEP_F32));
         let dit = cast_module(dit, cast(chitu_dit::KEEP_F32));
         let text = TextEncoder::new(tokenizer, encoder, device.clone());
-        Ok(Self {
+        Self {
             text: Offloaded::new("text encoder", text, device),
             model_pool: vec![Offloaded::new("transformer", dit, device)],
             boundary_ratio: None,
@@ -485,14 +540,14 @@ impl<B: Backend> DiffusionBackend<B> {
             vae,
             scheduler: SchedulerSpec::unipc_flow(3.0),
             device: device.clone(),
-            name: "embedded-tiny".into(),
+            name: name.into(),
             memory: MemoryLevel::default(),
             text_max_len: WAN_TEXT_LEN,
             dtype: format.precision,
             weights: format.weights,
             release_after_use: false,
             lora: crate::lora::LoraStack::new(vec![None]),
-        })
+        }
     }
 
     /// Refuses a request this model cannot run, before anything is allocated: a size the VAE and

@@ -22,6 +22,7 @@
 mod backend;
 mod check;
 mod condition;
+pub mod demo;
 #[cfg(feature = "video")]
 mod encode;
 pub mod estimate;
@@ -74,6 +75,15 @@ pub enum GenError {
     Folder {
         /// The folder or file at fault.
         path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A file of the demo model did not load (a build from a tree without the trained files, or
+    /// files that do not match the model code).
+    #[error("the demo model's {file}: {message}")]
+    Embedded {
+        /// The file.
+        file: &'static str,
         /// What is wrong.
         message: String,
     },

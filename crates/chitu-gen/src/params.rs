@@ -176,6 +176,21 @@ impl DiffusionUserParams {
 }
 
 impl DiffusionUserParams {
+    /// Defaults for the embedded demo model ([`DiffusionBackend::embedded_demo_as`]): the 32x32,
+    /// 9-frame clips it was trained on, 20 steps.
+    ///
+    /// [`DiffusionBackend::embedded_demo_as`]: crate::DiffusionBackend::embedded_demo_as
+    pub fn demo(prompt: impl Into<String>) -> Self {
+        Self {
+            height: crate::demo::DEMO_SIZE,
+            width: crate::demo::DEMO_SIZE,
+            num_frames: crate::demo::DEMO_FRAMES,
+            num_inference_steps: 20,
+            max_sequence_length: crate::demo::DEMO_TEXT_LEN,
+            ..Self::new(prompt)
+        }
+    }
+
     /// Defaults sized for the embedded tiny model: 64x64, 9 frames, 10 steps.
     pub fn tiny(prompt: impl Into<String>) -> Self {
         Self {

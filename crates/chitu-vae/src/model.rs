@@ -334,6 +334,13 @@ impl<B: Backend> WanVae<B> {
         Ok(unpatchify(video, self.config.patch()).clamp(-1.0, 1.0))
     }
 
+    /// [`WanVae::decode`] without the final clamp to [-1, 1], for training: a clamp passes no
+    /// gradient to the pixels it cuts.
+    pub fn decode_unclamped_for_training(&self, z: Tensor<B, 5>) -> Result<Tensor<B, 5>, VaeError> {
+        self.check_latents(&z)?;
+        Ok(unpatchify(self.decode_unclamped(z, &mut || {}), self.config.patch()))
+    }
+
     /// The decode before the unpatchify and the clamp; `frame_done` runs after each latent frame.
     pub(crate) fn decode_unclamped(&self, z: Tensor<B, 5>, frame_done: &mut dyn FnMut()) -> Tensor<B, 5> {
         let _scratch = scratch::Scope::enter();
