@@ -58,7 +58,7 @@ for w in $WORKLOADS; do
         cargo build --release --example bench_serve >&2
         mkdir -p bench/results
         RAYON_NUM_THREADS=$THREADS target/release/examples/bench_serve | tee bench/results/serve.md
-        cargo test --release --test serve_load -- --nocapture 2>&1 | grep '^load:' | tee -a bench/results/serve.md
+        cargo test --release --test integration serve_load:: -- --nocapture 2>&1 | grep '^load:' | tee -a bench/results/serve.md
         continue
     fi
     if [ "$w" = gemm ]; then

@@ -6,7 +6,7 @@ use safetensors::tensor::TensorView;
 use safetensors::SafeTensors;
 use std::path::{Path, PathBuf};
 
-mod common;
+use crate::common;
 use common::generate;
 
 fn fixture_model(name: &str) -> PathBuf {

@@ -6,7 +6,7 @@
 //! Needs `chromium` and `node`; `.ci/run` installs Chromium and sets `CHITU_BROWSER_TEST=1`,
 //! which turns a missing browser into a failure instead of a skip.
 
-mod common;
+use crate::common;
 use common::serve::Server;
 use std::path::PathBuf;
 use std::process::Command;

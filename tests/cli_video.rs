@@ -1,6 +1,6 @@
 //! The `chitu` binary on the embedded model: files written, MP4 decodable with the right frames.
 
-mod common;
+use crate::common;
 use common::{decode_mp4, generate};
 
 #[test]

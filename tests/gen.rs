@@ -213,7 +213,7 @@ fn low_mem_level_one_decodes_in_tiles() {
     assert!(diff > 0.0, "a 288-pixel-wide decode must actually tile");
 }
 
-mod common;
+use crate::common;
 
 #[test]
 fn a_wan_release_folder_generates_what_the_diffusers_folder_does() {

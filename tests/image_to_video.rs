@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-mod common;
+use crate::common;
 use common::{decode_mp4, generate};
 
 fn fixtures() -> PathBuf {

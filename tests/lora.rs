@@ -3,7 +3,7 @@
 //! `lora_partial`), musubi-tuner's names read as Wan's, and few-step runs skip the unconditional
 //! pass. The parity of merged LoRAs against diffusers is in chitu-gen's parity test.
 
-mod common;
+use crate::common;
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{backend::Backend, Tensor};

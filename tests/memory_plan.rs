@@ -9,7 +9,7 @@ use chitu::pipeline::{
 use chitu::{default_device, DefaultBackend as B};
 use std::path::{Path, PathBuf};
 
-mod common;
+use crate::common;
 
 fn model(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -1,7 +1,7 @@
 //! `chitu serve` on the embedded model, over loopback: every route, every state a job passes
 //! through, every 4xx, shutdown, and proptest-made bodies that must never get a 5xx.
 
-mod common;
+use crate::common;
 use common::decode_mp4;
 use common::serve::{Server, LONG, SHORT};
 use proptest::prelude::*;

@@ -1,7 +1,7 @@
 //! `kill -9` during a job, twice: finished jobs and their files survive, the interrupted job is
 //! requeued once and then failed with the reason, and no half-written file is ever left.
 
-mod common;
+use crate::common;
 use common::decode_mp4;
 use common::serve::{Server, LONG, SHORT};
 use std::path::Path;

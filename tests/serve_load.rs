@@ -2,7 +2,7 @@
 //! cancelling about one in ten at random. No job is lost or run twice, every job that was not
 //! cancelled succeeds, and every MP4 decodes. Prints the queue latency and the throughput.
 
-mod common;
+use crate::common;
 use common::decode_mp4;
 use common::serve::Server;
 use std::collections::BTreeSet;

@@ -7,7 +7,7 @@ use chitu_parity::tensors::{rel_l2, HostTensor};
 use chitu_parity::{vae, Case};
 use std::path::{Path, PathBuf};
 
-mod common;
+use crate::common;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity")
