@@ -498,7 +498,8 @@ fn train_dit(args: &TrainOptions, device: &burn::tensor::Device<Train>) -> Resul
         }
     }
     let z = demo::DEMO_Z;
-    let [lt, lh, lw] = [(FRAMES - 1) / 4 + 1, SIZE / 8, SIZE / 8];
+    let (sf, tf) = (vae.config.spatial_factor(), vae.config.temporal_factor());
+    let [lt, lh, lw] = [(FRAMES - 1) / tf + 1, SIZE / sf, SIZE / sf];
     let per = lt * lh * lw;
     let width = text.encoder.config.d_model;
 

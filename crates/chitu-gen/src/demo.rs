@@ -92,6 +92,10 @@ pub fn vae_config(latents_mean: Vec<f64>, latents_std: Vec<f64>) -> WanVaeConfig
     WanVaeConfig {
         base_dim: 8,
         z_dim: DEMO_Z,
+        // Two downsamplings, both in space and time: 4x4 pixels per latent, so that a 32x32
+        // clip has 8x8 latents (4x4 DiT tokens per frame) and a shape of a few pixels survives.
+        dim_mult: vec![1, 2, 4],
+        temperal_downsample: vec![true, true],
         num_res_blocks: 1,
         latents_mean,
         latents_std,
