@@ -27,6 +27,9 @@ struct Args {
     seed: Option<u64>,
     #[arg(long)]
     vae_steps: Option<usize>,
+    /// VAE steps on whole clips, after the window steps.
+    #[arg(long)]
+    vae_clip_steps: Option<usize>,
     #[arg(long)]
     dit_steps: Option<usize>,
     /// Clips whose latents the DiT trains on.
@@ -35,6 +38,9 @@ struct Args {
     /// Adam's peak learning rate for the VAE.
     #[arg(long)]
     vae_lr: Option<f64>,
+    /// Adam's peak learning rate for the VAE's whole-clip steps.
+    #[arg(long)]
+    vae_clip_lr: Option<f64>,
     /// Adam's peak learning rate for the DiT.
     #[arg(long)]
     dit_lr: Option<f64>,
@@ -49,6 +55,8 @@ fn main() -> Result<(), TrainError> {
         stage: args.stage,
         seed: args.seed.unwrap_or(d.seed),
         vae_steps: args.vae_steps.unwrap_or(d.vae_steps),
+        vae_clip_steps: args.vae_clip_steps.unwrap_or(d.vae_clip_steps),
+        vae_clip_lr: args.vae_clip_lr.unwrap_or(d.vae_clip_lr),
         dit_steps: args.dit_steps.unwrap_or(d.dit_steps),
         dit_clips: args.dit_clips.unwrap_or(d.dit_clips),
         vae_lr: args.vae_lr.unwrap_or(d.vae_lr),

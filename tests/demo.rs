@@ -13,7 +13,8 @@ fn a_short_training_run_resumes_and_makes_a_model_the_generator_runs() {
         out: dir.path().join("out"),
         work: dir.path().join("work"),
         stage: Stage::All,
-        vae_steps: 2,
+        vae_steps: 1,
+        vae_clip_steps: 1,
         dit_steps: 2,
         dit_clips: 8,
         ..TrainOptions::default()

@@ -1,7 +1,9 @@
 //! Reads a generated demo video back: which colour its object is and which way it moves. The
 //! semantic test compares this with what the prompt asked for.
 
-use super::clips::{Colour, Motion};
+use super::clips::{held_back_prompts, Colour, Motion};
+use crate::pipeline::{DiffusionBackend, DiffusionUserParams, GenError, Generator};
+use burn::tensor::backend::Backend;
 
 /// What a video shows, as far as [`judge`] can tell.
 #[derive(Debug, Clone, PartialEq)]
@@ -91,6 +93,76 @@ pub fn judge(width: usize, height: usize, frames: &[Vec<u8>]) -> Verdict {
     };
     let area = centroids.iter().flatten().map(|c| c.2).sum::<f32>() / frames.len().max(1) as f32;
     Verdict { colour, travel, area }
+}
+
+/// One held-back prompt's outcome: what it asked for and what the video shows.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The prompt.
+    pub prompt: String,
+    /// The colour it names.
+    pub colour: Colour,
+    /// The direction it names.
+    pub motion: Motion,
+    /// What the generated video shows.
+    pub verdict: Verdict,
+}
+
+impl Outcome {
+    /// Whether the video has the prompt's colour and moves in its direction.
+    pub fn correct(&self) -> bool {
+        self.verdict.colour == Some(self.colour) && self.verdict.direction() == Some(self.motion)
+    }
+}
+
+/// Generates every held-back prompt ([`held_back_prompts`]: each colour and direction, with a
+/// shape the model never saw doing it) with the demo sampler's defaults and `seed`, and reads
+/// each video back; with `sheets`, writes each video's contact sheet there.
+pub fn evaluate<B: Backend>(
+    backend: DiffusionBackend<B>,
+    seed: u64,
+    sheets: Option<&std::path::Path>,
+) -> Result<Vec<Outcome>, GenError> {
+    let generator = Generator::new(backend);
+    let mut out = Vec::new();
+    for (colour, motion, prompt) in held_back_prompts() {
+        let video = generator.generate(DiffusionUserParams {
+            seed,
+            ..DiffusionUserParams::demo(prompt.clone())
+        })?;
+        if let Some(dir) = sheets {
+            video.save_png_sheet(dir.join(format!("{}.png", video.stem())))?;
+        }
+        let f = video.frames();
+        out.push(Outcome {
+            verdict: judge(f.width, f.height, &f.frames),
+            prompt,
+            colour,
+            motion,
+        });
+    }
+    Ok(out)
+}
+
+/// The outcomes as a Markdown table (one row per prompt) with the count correct.
+pub fn confusion_table(outcomes: &[Outcome]) -> String {
+    let mut s =
+        String::from("| prompt | colour seen | travel (dx, dy) px | direction seen | ok |\n|---|---|---|---|---|\n");
+    for o in outcomes {
+        let v = &o.verdict;
+        s.push_str(&format!(
+            "| {} | {} | ({:+.1}, {:+.1}) | {} | {} |\n",
+            o.prompt,
+            v.colour.map_or("none", |c| c.word()),
+            v.travel.0,
+            v.travel.1,
+            v.direction().map_or("none", |m| m.phrase()),
+            if o.correct() { "yes" } else { "no" }
+        ));
+    }
+    let right = outcomes.iter().filter(|o| o.correct()).count();
+    s.push_str(&format!("\n{right} of {} correct\n", outcomes.len()));
+    s
 }
 
 #[cfg(test)]
