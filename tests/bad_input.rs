@@ -284,7 +284,7 @@ fn a_prompt_can_come_from_a_file_and_a_batch_from_a_prompts_file() {
 #[test]
 fn the_default_mode_prints_the_resolved_request_before_it_starts() {
     let out = tempfile::tempdir().unwrap();
-    let run = generate(&["--prompt", "x", "--steps", "2"], out.path());
+    let run = common::generate_as_given(&["--prompt", "x", "--steps", "2"], out.path());
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "{stderr}");
     assert!(
@@ -300,7 +300,16 @@ fn ctrl_c_stops_at_a_step_boundary_and_writes_nothing() {
     use std::process::Stdio;
     let out = tempfile::tempdir().unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_chitu"))
-        .args(["generate", "--prompt", "x", "--steps", "100000", "--out"])
+        .args([
+            "generate",
+            "--embedded",
+            "tiny",
+            "--prompt",
+            "x",
+            "--steps",
+            "100000",
+            "--out",
+        ])
         .arg(out.path())
         .stderr(Stdio::piped())
         .spawn()
@@ -357,4 +366,29 @@ fn a_transformer_that_does_not_fit_the_pipeline_is_refused() {
         "2",
     ];
     assert_refused(&args, out.path(), &["takes 16 channels", "image-to-video", "needs 36"]);
+}
+
+/// `--embedded demo` in a build without the trained demo model's files says how to make them
+/// and writes nothing; a build with them generates.
+#[test]
+fn the_embedded_demo_model_runs_or_says_how_to_make_it() {
+    let assets = Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/chitu-gen/assets/demo");
+    let built_in = [
+        "text_encoder.safetensors",
+        "transformer.safetensors",
+        "vae.safetensors",
+        "vae_stats.json",
+    ]
+    .iter()
+    .all(|f| assets.join(f).is_file());
+    let out = tempfile::tempdir().unwrap();
+    let run = common::generate_as_given(&["--embedded", "demo", "--prompt", "a red disc moves up"], out.path());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    if built_in {
+        assert!(run.status.success(), "{stderr}");
+    } else {
+        assert!(!run.status.success());
+        assert!(stderr.contains("train_demo"), "{stderr}");
+        assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0);
+    }
 }

@@ -99,6 +99,8 @@ fn the_cli_runs_the_check_and_refuses_unknown_policies() {
         Command::new(env!("CARGO_BIN_EXE_chitu"))
             .args([
                 "generate",
+                "--embedded",
+                "tiny",
                 "--prompt",
                 "A cat walking on grass",
                 "--steps",

@@ -60,10 +60,15 @@ pub enum CliError {
 /// Which model to load, and how.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ModelArgs {
-    /// A diffusers-layout Wan2.1/2.2 folder or a Wan release folder; the embedded tiny model
-    /// when omitted.
+    /// A diffusers-layout Wan2.1/2.2 folder or a Wan release folder; the embedded model
+    /// (`--embedded`) when omitted.
     #[arg(long)]
     pub model_dir: Option<PathBuf>,
+    /// The model built into the binary, used without `--model-dir`: `tiny`, random weights at
+    /// 64x64 that only show the engine running, or `demo`, the toy trained on coloured shapes
+    /// (`examples/train_demo.rs`), in a build that has its trained files.
+    #[arg(long, value_enum, default_value_t = Embedded::Tiny, conflicts_with = "model_dir")]
+    pub embedded: Embedded,
     /// Memory saving level: 1 decodes the VAE in tiles; 2 also keeps the text encoder off the
     /// device except while it encodes; 3 also keeps only the active DiT on the device. On a GPU
     /// a model off the device waits in host memory; on the CPU it is dropped and read again
@@ -103,6 +108,15 @@ pub struct ModelArgs {
     /// refusing a LoRA with any key that does not fit.
     #[arg(long, requires = "loras")]
     pub lora_partial: bool,
+}
+
+/// The models built into the binary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Embedded {
+    /// The demo model: trained in this project on 32x32 clips of coloured shapes.
+    Demo,
+    /// Random weights with a fixed seed, at 64x64: it shows the pipeline runs, not quality.
+    Tiny,
 }
 
 fn parse_lora(s: &str) -> Result<LoraSpec, String> {
@@ -151,7 +165,10 @@ impl ModelArgs {
                 }
             }
             Some(_) => DiffusionUserParams::default(),
-            None => DiffusionUserParams::tiny(String::new()),
+            None => match self.embedded {
+                Embedded::Demo => DiffusionUserParams::demo(String::new()),
+                Embedded::Tiny => DiffusionUserParams::tiny(String::new()),
+            },
         }
     }
 
@@ -173,7 +190,11 @@ impl ModelArgs {
         let backend = match &self.model_dir {
             Some(dir) => DiffusionBackend::load(dir, device, options)?,
             None => {
-                let backend = DiffusionBackend::embedded_tiny_as(device, self.options().format())?;
+                let format = self.options().format();
+                let backend = match self.embedded {
+                    Embedded::Demo => DiffusionBackend::embedded_demo_as(device, format)?,
+                    Embedded::Tiny => DiffusionBackend::embedded_tiny_as(device, format)?,
+                };
                 backend.apply_lora(&self.loras, self.lora_partial)?;
                 backend
             }

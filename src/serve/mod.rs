@@ -32,7 +32,8 @@ pub struct ServeArgs {
     /// Port to bind; 0 picks a free one (printed on the first line).
     #[arg(long, default_value_t = 8188)]
     pub port: u16,
-    /// The model, as `chitu generate` takes it; the embedded tiny model without `--model-dir`.
+    /// The model, as `chitu generate` takes it; the embedded model (`--embedded`) without
+    /// `--model-dir`.
     #[command(flatten)]
     pub model: ModelArgs,
     /// Folder of the job database (`jobs.sqlite`) and the outputs (`videos/ID/`).
@@ -346,7 +347,11 @@ pub fn serve(args: ServeArgs) -> Result<(), ServeError> {
     }
     if args.model.model_dir.is_none() {
         eprintln!(
-            "no --model-dir: serving the embedded tiny model (random weights: it shows the service, not quality)"
+            "no --model-dir: serving the embedded {}",
+            match args.model.embedded {
+                crate::cli::Embedded::Demo => "demo model (a toy trained on coloured shapes)",
+                crate::cli::Embedded::Tiny => "tiny model (random weights: it shows the service, not quality)",
+            }
         );
     }
     let layout = crate::dist::Layout::new(args.cfg_parallel.unwrap_or(1), args.cp.unwrap_or(1))?;

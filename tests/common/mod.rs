@@ -8,8 +8,17 @@ use std::process::{Command, Output};
 
 pub mod serve;
 
-/// Runs `chitu generate` with `args`, writing into `out`.
+/// Runs `chitu generate` with `args`, writing into `out`; without `--model-dir` (or
+/// `--embedded`) on the embedded random-weight tiny model, which these tests were written for.
 pub fn generate(args: &[&str], out: &Path) -> Output {
+    let mut all = tiny_unless_chosen(args);
+    all.extend(args);
+    generate_as_given(&all, out)
+}
+
+/// Runs `chitu generate` with exactly `args` (the binary's own default model without
+/// `--model-dir`), writing into `out`.
+pub fn generate_as_given(args: &[&str], out: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_chitu"))
         .arg("generate")
         .args(args)
@@ -17,6 +26,15 @@ pub fn generate(args: &[&str], out: &Path) -> Output {
         .arg(out)
         .output()
         .unwrap()
+}
+
+/// `--embedded tiny` unless `args` choose a model.
+pub fn tiny_unless_chosen(args: &[&str]) -> Vec<&'static str> {
+    if args.iter().any(|a| *a == "--model-dir" || *a == "--embedded") {
+        Vec::new()
+    } else {
+        vec!["--embedded", "tiny"]
+    }
 }
 
 /// Renames a diffusers folder's transformers UMT5 checkpoint to Wan's `t5.py` names and writes it

@@ -27,11 +27,13 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts `chitu serve --port 0 --data DATA ARGS...` and waits for its address.
+    /// Starts `chitu serve --port 0 --data DATA ARGS...` (on the embedded tiny model unless
+    /// `args` choose one) and waits for its address.
     pub fn start(data: &Path, args: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_chitu"))
             .args(["serve", "--port", "0", "--data"])
             .arg(data)
+            .args(super::tiny_unless_chosen(args))
             .args(args)
             .env_remove("CHITU_TOKEN")
             .stdin(Stdio::null())
