@@ -373,14 +373,7 @@ fn a_transformer_that_does_not_fit_the_pipeline_is_refused() {
 #[test]
 fn the_embedded_demo_model_runs_or_says_how_to_make_it() {
     let assets = Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/chitu-gen/assets/demo");
-    let built_in = [
-        "text_encoder.safetensors",
-        "transformer.safetensors",
-        "vae.safetensors",
-        "vae_stats.json",
-    ]
-    .iter()
-    .all(|f| assets.join(f).is_file());
+    let built_in = chitu::pipeline::demo::FILES.iter().all(|f| assets.join(f).is_file());
     let out = tempfile::tempdir().unwrap();
     let run = common::generate_as_given(&["--embedded", "demo", "--prompt", "a red disc moves up"], out.path());
     let stderr = String::from_utf8_lossy(&run.stderr);
