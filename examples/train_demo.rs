@@ -41,9 +41,15 @@ struct Args {
     /// Adam's peak learning rate for the VAE's whole-clip steps.
     #[arg(long)]
     vae_clip_lr: Option<f64>,
+    /// Extra reconstruction weight of pixels that show an object.
+    #[arg(long)]
+    vae_object_weight: Option<f32>,
     /// Adam's peak learning rate for the DiT.
     #[arg(long)]
     dit_lr: Option<f64>,
+    /// Extra loss weight of latent cells that show an object.
+    #[arg(long)]
+    dit_object_weight: Option<f32>,
 }
 
 fn main() -> Result<(), TrainError> {
@@ -57,9 +63,11 @@ fn main() -> Result<(), TrainError> {
         vae_steps: args.vae_steps.unwrap_or(d.vae_steps),
         vae_clip_steps: args.vae_clip_steps.unwrap_or(d.vae_clip_steps),
         vae_clip_lr: args.vae_clip_lr.unwrap_or(d.vae_clip_lr),
+        vae_object_weight: args.vae_object_weight.unwrap_or(d.vae_object_weight),
         dit_steps: args.dit_steps.unwrap_or(d.dit_steps),
         dit_clips: args.dit_clips.unwrap_or(d.dit_clips),
         vae_lr: args.vae_lr.unwrap_or(d.vae_lr),
         dit_lr: args.dit_lr.unwrap_or(d.dit_lr),
+        dit_object_weight: args.dit_object_weight.unwrap_or(d.dit_object_weight),
     })
 }

@@ -264,6 +264,48 @@ impl Scene {
         text
     }
 
+    /// Which pixels show an object, 1 or 0, `[FRAMES, SIZE, SIZE]`: those an object changes from
+    /// the bare background (anti-aliased edges included).
+    pub fn object_pixels(&self) -> Vec<f32> {
+        let n = FRAMES * SIZE * SIZE;
+        let clip = self.render();
+        let bare = Scene {
+            objects: Vec::new(),
+            ..self.clone()
+        }
+        .render();
+        (0..n)
+            .map(|i| {
+                let differs = (0..3).any(|c| (clip[c * n + i] - bare[c * n + i]).abs() > 0.05);
+                if differs {
+                    1.0
+                } else {
+                    0.0
+                }
+            })
+            .collect()
+    }
+
+    /// Which cells of a latent grid show an object in any frame they cover, 1 or 0,
+    /// `[latent frames, SIZE / cell, SIZE / cell]`: the causal Wan VAE layout, where latent frame
+    /// 0 is frame 0 and each later one covers the next `temporal` frames.
+    pub fn object_cells(&self, cell: usize, temporal: usize) -> Vec<f32> {
+        let pixels = self.object_pixels();
+        let (side, frames) = (SIZE / cell, (FRAMES - 1) / temporal + 1);
+        let mut out = vec![0.0f32; frames * side * side];
+        for f in 0..FRAMES {
+            let t = f.div_ceil(temporal);
+            for y in 0..SIZE {
+                for x in 0..SIZE {
+                    if pixels[(f * SIZE + y) * SIZE + x] > 0.0 {
+                        out[(t * side + y / cell) * side + x / cell] = 1.0;
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// The clip, `[3, FRAMES, SIZE, SIZE]` (channel, frame, row, column) in [-1, 1], anti-aliased
     /// by 4x4 supersampling.
     pub fn render(&self) -> Vec<f32> {
@@ -458,6 +500,9 @@ mod tests {
             }
             let words = vocabulary();
             assert!(a.caption().split(' ').all(|w| words.contains(&w)), "{}", a.caption());
+            // One token a word, and `</s>`: nothing is cut at the demo model's text length.
+            let tokens = a.caption().split(' ').count() + 1;
+            assert!(tokens <= crate::pipeline::demo::DEMO_TEXT_LEN, "{}", a.caption());
         }
     }
 
@@ -484,6 +529,37 @@ mod tests {
         let x_end = (10.0 + SPEED * last as f32) as usize;
         assert!((0..3).all(|c| (pixel(c, last, 16, x_end) - red[c]).abs() < 1e-5));
         assert!(pixel(0, last, 16, 4) < 0.1, "the start is background by the end");
+    }
+
+    #[test]
+    fn the_object_masks_cover_the_object_and_nothing_else() {
+        let scene = Scene {
+            objects: vec![Object {
+                colour: Colour::Blue,
+                shape: Shape::Square,
+                motion: Motion::Right,
+                start: (8.0, 8.0),
+            }],
+            background: Background::Gradient,
+            says_background: false,
+        };
+        let pixels = scene.object_pixels();
+        let at = |f: usize, y: usize, x: usize| pixels[(f * SIZE + y) * SIZE + x];
+        assert_eq!((at(0, 8, 8), at(0, 8, 20), at(0, 24, 8)), (1.0, 0.0, 0.0));
+        // A 9x9-pixel square (half side 4.5), give or take its anti-aliased edge.
+        let first: f32 = pixels[..SIZE * SIZE].iter().sum();
+        assert!((81.0..=121.0).contains(&first), "{first}");
+        let last = FRAMES - 1;
+        let x_end = (8.0 + SPEED * last as f32) as usize;
+        assert_eq!((at(last, 8, x_end), at(last, 8, 4)), (1.0, 0.0));
+
+        // 4x4-pixel cells, 4 frames a latent frame after the first: the square starts on pixels
+        // 3 to 12 (cells 0 to 3), and the last latent frame (frames 5 to 8) reaches cell 5.
+        let cells = scene.object_cells(4, 4);
+        assert_eq!(cells.len(), 3 * 8 * 8);
+        let cell = |t: usize, y: usize, x: usize| cells[(t * 8 + y) * 8 + x];
+        assert_eq!((cell(0, 2, 2), cell(0, 2, 5), cell(0, 6, 2)), (1.0, 0.0, 0.0));
+        assert_eq!((cell(2, 2, 5), cell(2, 2, 0)), (1.0, 0.0));
     }
 
     #[test]

@@ -19,9 +19,10 @@ pub const DEMO_SIZE: usize = 32;
 pub const DEMO_FRAMES: usize = 9;
 /// Latent channels of the demo VAE.
 pub const DEMO_Z: usize = 8;
-/// Tokens each prompt is padded to in training: `DiffusionUserParams::tiny`'s
-/// `max_sequence_length`, so that the DiT sees the same zero padding when it generates.
-pub const DEMO_TEXT_LEN: usize = 64;
+/// Tokens each prompt is padded to, in training and by `DiffusionUserParams::demo`, so that the
+/// DiT sees the same zero padding when it generates. The longest caption is 20 tokens; a longer
+/// padding only adds identical keys that outnumber the words in cross-attention.
+pub const DEMO_TEXT_LEN: usize = 24;
 
 /// A unigram `tokenizer.json` in the layout of the T5 tokenizers: `<pad>`, `</s>`, `<unk>`, then
 /// each of `words` as one piece, then the letters and `▁` so that any other word still
