@@ -367,21 +367,3 @@ fn a_transformer_that_does_not_fit_the_pipeline_is_refused() {
     ];
     assert_refused(&args, out.path(), &["takes 16 channels", "image-to-video", "needs 36"]);
 }
-
-/// `--embedded demo` in a build without the trained demo model's files says how to make them
-/// and writes nothing; a build with them generates.
-#[test]
-fn the_embedded_demo_model_runs_or_says_how_to_make_it() {
-    let assets = Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/chitu-gen/assets/demo");
-    let built_in = chitu::pipeline::demo::FILES.iter().all(|f| assets.join(f).is_file());
-    let out = tempfile::tempdir().unwrap();
-    let run = common::generate_as_given(&["--embedded", "demo", "--prompt", "a red disc moves up"], out.path());
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    if built_in {
-        assert!(run.status.success(), "{stderr}");
-    } else {
-        assert!(!run.status.success());
-        assert!(stderr.contains("train_demo"), "{stderr}");
-        assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0);
-    }
-}
