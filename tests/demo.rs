@@ -106,23 +106,16 @@ fn the_demo_command_draws_what_the_prompt_says() {
         return;
     }
     assert!(run.status.success(), "{stderr}");
-    let mut pngs: Vec<_> = std::fs::read_dir(out.path())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| {
-            // `{stem}_{index:04}.png`: the frames, not the contact sheet.
-            let name = p.file_stem().unwrap().to_string_lossy().into_owned();
-            p.extension().is_some_and(|e| e == "png")
-                && name
-                    .rsplit_once('_')
-                    .is_some_and(|(_, i)| i.len() == 4 && i.bytes().all(|b| b.is_ascii_digit()))
+    // `--png-frames` writes `{stem}_{index:04}.png`; the stem is the prompt, seed and steps.
+    let stem = "a_red_disc_moves_to_the_right_seed0_step20";
+    let frames: Vec<Vec<u8>> = (0..demo::DEMO_FRAMES)
+        .map(|i| {
+            let path = out.path().join(format!("{stem}_{i:04}.png"));
+            image::open(&path)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+                .to_rgb8()
+                .into_raw()
         })
-        .collect();
-    pngs.sort();
-    assert_eq!(pngs.len(), demo::DEMO_FRAMES, "{pngs:?}");
-    let frames: Vec<Vec<u8>> = pngs
-        .iter()
-        .map(|p| image::open(p).unwrap().to_rgb8().into_raw())
         .collect();
     let verdict = chitu::demo::judge::judge(demo::DEMO_SIZE, demo::DEMO_SIZE, &frames);
     assert_eq!(
